@@ -1,0 +1,1 @@
+"""Combiners: pure functions from member logits to a combined log-distribution."""

@@ -1,0 +1,1 @@
+"""Member models: one architecture family per file, loaders and the zoo."""

@@ -1,0 +1,223 @@
+r"""The softmax-bottleneck problem: everything that depends on the members' unembeddings alone.
+
+Member :math:`i` has unembedding :math:`W_i \in \mathbb{R}^{v \times d_i}` (and maybe a bias
+:math:`b_i \in \mathbb{R}^v`); its next-token distribution is
+:math:`\hat p_i = \mathrm{softmax}(W_i h_i + b_i)`.  Stack the columns
+
+.. math::  A = [\,W_1\ b_1 \mid W_2\ b_2 \mid \dots \mid W_n\ b_n\,] \in \mathbb{R}^{v \times D},
+           \qquad m = [\,A_1^\top \hat p_1;\ \dots;\ A_n^\top \hat p_n\,] \in \mathbb{R}^{D}.
+
+The bottleneck feasible set (Finlayson, "The right way to ensemble language models") is
+
+.. math::  \mathcal{F} = \{\,p \in \Delta_v : A_i^\top p = A_i^\top \hat p_i\ \ \forall i \in H\,\}
+
+for the *hard* members :math:`H`; *soft* members :math:`S` add
+:math:`\sum_{i\in S} \tfrac{\rho_i}{2}\lVert A_i^\top p - m_i\rVert^2` to the objective instead.
+
+A :class:`BottleneckProblem` is built once per ensemble (eagerly, in float64 numpy) and reused
+by every step and every batch row.  It caches
+
+* ``A`` (``v x D``) in the working dtype, and each member's column slice;
+* ``Q`` (``v x r``): an orthonormal basis of :math:`\mathrm{span}[A_H, \mathbf 1]` with its
+  numerical rank ``r`` (duplicated or rank-deficient ``W`` are handled here, once);
+* ``T_pinv`` (``r x (D_H + 1)``): maps the hard moments :math:`[m_H; 1]` to
+  :math:`\beta = Q^\top p` for any feasible :math:`p` (the equality constraints in the
+  orthonormal basis read :math:`Q^\top p = \beta`);
+* Lipschitz constants :math:`\lambda_{\max}(A_H^\top A_H)` and :math:`\lambda_{\max}(A_i^\top A_i)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BottleneckProblem:
+    """Static-per-ensemble data of the bottleneck problem (a pytree; shapes in the fields)."""
+
+    A: Float[Array, "v D"]
+    Q: Float[Array, "v r"]
+    T_pinv: Float[Array, "r Dh1"]
+    lipschitz_hard: Float[Array, ""]
+    lipschitz_members: Float[Array, " n"]
+    member_cols: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    hard: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    soft: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+
+    # ----- static helpers (shapes only; safe at trace time) -----
+    @property
+    def vocab_size(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def num_members(self) -> int:
+        return len(self.member_cols)
+
+    @property
+    def rank(self) -> int:
+        """Numerical rank of ``[A_H, 1]`` (columns of ``Q``)."""
+        return int(self.Q.shape[1])
+
+    def member_slice(self, i: int) -> slice:
+        start = sum(self.member_cols[:i])
+        return slice(start, start + self.member_cols[i])
+
+    def columns(self, members: Sequence[int]) -> np.ndarray:
+        """Static integer indices of the columns of ``A`` that belong to ``members``."""
+        idx = [np.arange(self.member_slice(i).start, self.member_slice(i).stop) for i in members]
+        return np.concatenate(idx) if idx else np.zeros((0,), np.int64)
+
+    def A_of(self, members: Sequence[int]) -> Float[Array, "v Dm"]:
+        """``A`` restricted to the columns of ``members`` (static slicing)."""
+        members = tuple(members)
+        if members == tuple(range(self.num_members)):
+            return self.A
+        return jnp.concatenate([self.A[:, self.member_slice(i)] for i in members], axis=1)
+
+    @property
+    def A_hard(self) -> Float[Array, "v Dh"]:
+        return self.A_of(self.hard)
+
+    # ----- per-row helpers (traceable) -----
+    def moments(self, probs: Float[Array, "*B n v"]) -> Float[Array, "*B D"]:
+        """``m = [A_1^T p_1; ...; A_n^T p_n]`` for member distributions ``probs``."""
+        if probs.shape[-2:] != (self.num_members, self.vocab_size):
+            raise ValueError(
+                f"probs must have shape (..., n={self.num_members}, v={self.vocab_size}), "
+                f"got {probs.shape}"
+            )
+        parts = [probs[..., i, :] @ self.A[:, self.member_slice(i)] for i in range(self.num_members)]
+        return jnp.concatenate(parts, axis=-1)
+
+    def hard_moments(self, m: Float[Array, "*B D"]) -> Float[Array, "*B Dh"]:
+        return m[..., self.columns(self.hard)]
+
+    def beta(self, m: Float[Array, "*B D"]) -> Float[Array, "*B r"]:
+        """Right-hand side of the hard constraints in the orthonormal basis: ``Q^T p = beta``."""
+        mh = self.hard_moments(m)
+        ones = jnp.ones(mh.shape[:-1] + (1,), mh.dtype)
+        return jnp.concatenate([mh, ones], axis=-1) @ self.T_pinv.T
+
+    def hard_residual(self, p: Float[Array, "*B v"], m: Float[Array, "*B D"]) -> Float[Array, "*B"]:
+        """``||A_H^T p - m_H||_inf`` (0 when there are no hard members)."""
+        if not self.hard:
+            return jnp.zeros(p.shape[:-1], p.dtype)
+        return jnp.max(jnp.abs(p @ self.A_hard - self.hard_moments(m)), axis=-1)
+
+
+def _as_np(x: Any) -> np.ndarray:
+    return np.asarray(jax.device_get(x), dtype=np.float64)
+
+
+def make_problem(
+    unembeddings: Sequence[Any],
+    biases: Sequence[Any | None] | None = None,
+    *,
+    hard: Sequence[int] | str | None = "all",
+    soft: Sequence[int] | None = None,
+    dtype: Any = jnp.float32,
+    rank_rtol: float = 1e-9,
+) -> BottleneckProblem:
+    """Build the per-ensemble bottleneck data once (eagerly; not inside ``jit``).
+
+    Args:
+      unembeddings: one ``(v, d_i)`` matrix per member (the rows of the output embedding).
+      biases: one ``(v,)`` vector or ``None`` per member (an unembedding bias adds a column).
+      hard: members whose moments are exact constraints: ``"all"`` (the blog's problem),
+        a sequence of member indices (e.g. ``(best,)``, always feasible), or ``None``/``()``.
+      soft: members whose moments enter as penalties with weights ``rho_i`` given per call.
+      dtype: working dtype of the cached matrices (float32 default; float64 needs
+        ``jax.config.update("jax_enable_x64", True)``).
+      rank_rtol: singular values below ``rank_rtol * s_max`` of ``[A_H, 1]`` are treated as
+        zero when building ``Q`` (duplicated / rank-deficient members).
+
+    Raises:
+      ValueError: on mismatched vocabulary sizes, wrong bias shapes, bad member indices,
+        a member listed both hard and soft, or non-finite unembeddings.
+    """
+    if len(unembeddings) == 0:
+        raise ValueError("make_problem needs at least one member unembedding, got none")
+    Ws = [_as_np(W) for W in unembeddings]
+    for i, W in enumerate(Ws):
+        if W.ndim != 2:
+            raise ValueError(f"unembedding {i} must be a (v, d) matrix, got shape {W.shape}")
+        if not np.all(np.isfinite(W)):
+            raise ValueError(f"unembedding {i} contains NaN or inf; check the checkpoint")
+    v = Ws[0].shape[0]
+    for i, W in enumerate(Ws):
+        if W.shape[0] != v:
+            raise ValueError(
+                f"members have different vocabulary sizes: unembedding 0 has shape {Ws[0].shape}, "
+                f"unembedding {i} has shape {W.shape}; the bottleneck combiner needs a shared "
+                "vocabulary (use jaxens.vocab for cross-tokenizer ensembles)"
+            )
+    n = len(Ws)
+    if biases is None:
+        biases = [None] * n
+    if len(biases) != n:
+        raise ValueError(f"got {n} unembeddings but {len(biases)} biases; pass None for no bias")
+    blocks = []
+    for i, (W, b) in enumerate(zip(Ws, biases)):
+        if b is None:
+            blocks.append(W)
+            continue
+        b = _as_np(b)
+        if b.shape != (v,):
+            raise ValueError(f"bias {i} must have shape ({v},), got {b.shape}")
+        blocks.append(np.concatenate([W, b[:, None]], axis=1))
+    member_cols = tuple(int(B.shape[1]) for B in blocks)
+    A = np.concatenate(blocks, axis=1)
+
+    if isinstance(hard, str):
+        if hard != "all":
+            raise ValueError(f"hard must be 'all', a sequence of member indices or None, got {hard!r}")
+        hard_t = tuple(range(n))
+    else:
+        hard_t = tuple(int(i) for i in (hard or ()))
+    soft_t = tuple(int(i) for i in (soft or ()))
+    for name, idx in (("hard", hard_t), ("soft", soft_t)):
+        for i in idx:
+            if not 0 <= i < n:
+                raise ValueError(f"{name} member index {i} out of range for {n} members")
+        if len(set(idx)) != len(idx):
+            raise ValueError(f"{name} member indices repeat: {idx}")
+    if set(hard_t) & set(soft_t):
+        raise ValueError(
+            f"members {sorted(set(hard_t) & set(soft_t))} are both hard and soft; choose one"
+        )
+
+    def cols(members):
+        out = []
+        for i in members:
+            s = sum(member_cols[:i])
+            out.append(A[:, s : s + member_cols[i]])
+        return np.concatenate(out, axis=1) if out else np.zeros((v, 0))
+
+    A_h = cols(hard_t)
+    C = np.concatenate([A_h, np.ones((v, 1))], axis=1)
+    U, S, _ = np.linalg.svd(C, full_matrices=False)
+    r = int(np.sum(S > rank_rtol * S[0]))
+    Q = U[:, :r]
+    T = Q.T @ C  # C = Q T exactly on the retained subspace
+    T_pinv = np.linalg.pinv(T.T, rcond=rank_rtol)  # beta = pinv(T^T) [m_h; 1]
+    lip_h = float(np.linalg.norm(A_h, 2) ** 2) if A_h.shape[1] else 0.0
+    lip_m = np.array([np.linalg.norm(B, 2) ** 2 for B in blocks])
+    cast = lambda x: jnp.asarray(x, dtype=dtype)  # noqa: E731
+    return BottleneckProblem(
+        A=cast(A),
+        Q=cast(Q),
+        T_pinv=cast(T_pinv),
+        lipschitz_hard=cast(lip_h),
+        lipschitz_members=cast(lip_m),
+        member_cols=member_cols,
+        hard=hard_t,
+        soft=soft_t,
+    )

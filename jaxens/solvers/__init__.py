@@ -1,0 +1,1 @@
+"""Solvers for the softmax-bottleneck problem (one algorithm per file)."""
