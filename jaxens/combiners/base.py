@@ -1,0 +1,71 @@
+"""The combiner interface: an optax-like pair of pure functions.
+
+``Combiner(init, combine)``: ``init(batch_size) -> state`` and
+``combine(logits, state) -> (log_probs, state, info)`` where ``logits`` is a sequence of the
+members' next-token logits, each ``(B, v)``, ``log_probs`` is ``(B, v)`` and ``info`` is a pytree
+of diagnostics whose structure is fixed for a given combiner (so it can ride in a
+``lax.while_loop`` carry).  The state carries warm starts between decoding steps.
+
+Factories close over static settings and over parameters (member weights, temperatures,
+soft-constraint strengths); build the combiner inside a loss function to differentiate with
+respect to those parameters, exactly as one would with ``optax.inject_hyperparams``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+
+class EmptyState(NamedTuple):
+    """State of a stateless combiner."""
+
+
+class AveragingInfo(NamedTuple):
+    nonfinite: Bool[Array, " B"]  # row had NaN/+inf logits; its output is the uniform fallback
+
+
+class Combiner(NamedTuple):
+    init: Callable[[int], Any]
+    combine: Callable[[Sequence[Float[Array, "B v"]], Any], tuple[Float[Array, "B v"], Any, Any]]
+
+
+def check_member_logits(logits: Sequence[Array], num_members: int | None = None) -> tuple[int, int]:
+    """Trace-time shape checks shared by the combiners; returns ``(B, v)``."""
+    if isinstance(logits, jnp.ndarray) or not isinstance(logits, (list, tuple)):
+        raise ValueError(
+            "combine expects a sequence (list/tuple) of per-member logits, each of shape (B, v); "
+            f"got {type(logits).__name__}"
+        )
+    if len(logits) == 0:
+        raise ValueError("combine got no member logits")
+    if num_members is not None and len(logits) != num_members:
+        raise ValueError(f"combiner was built for {num_members} members but got {len(logits)} logits")
+    shapes = [tuple(x.shape) for x in logits]
+    for i, s in enumerate(shapes):
+        if len(s) != 2:
+            raise ValueError(f"member {i} logits must have shape (B, v), got {s}")
+        if s != shapes[0]:
+            raise ValueError(
+                f"member logits disagree in shape: member 0 has {shapes[0]}, member {i} has {s}; "
+                "members must share the batch size and the vocabulary (use jaxens.vocab for "
+                "cross-tokenizer ensembles)"
+            )
+        if not jnp.issubdtype(logits[i].dtype, jnp.floating):
+            raise ValueError(f"member {i} logits must be floating point, got {logits[i].dtype}")
+    if shapes[0][0] == 0:
+        raise ValueError("empty batch: member logits have batch size 0")
+    return shapes[0]
+
+
+def check_weights(weights: Any, n: int, dtype=jnp.float32) -> Array:
+    """Default to uniform weights; check the length at trace time."""
+    if weights is None:
+        return jnp.full((n,), 1.0 / n, dtype)
+    w = jnp.asarray(weights, dtype)
+    if w.shape != (n,):
+        raise ValueError(f"weights must have shape ({n},) (one per member), got {w.shape}")
+    return w
