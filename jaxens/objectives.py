@@ -1,0 +1,154 @@
+r"""The objectives that choose one distribution from the bottleneck feasible set.
+
+Notation (per batch row): members :math:`i = 1..n` with log-probabilities
+:math:`\ell_i = \log \hat p_i \in [-\infty, 0]^v`, weights :math:`w_i \ge 0` normalised to
+:math:`\sum_i w_i = 1`, feasible set
+
+.. math::  \mathcal F = \{p \in \Delta_v : A_i^\top p = A_i^\top \hat p_i\ \forall i \in H\}
+
+(:mod:`jaxens.problem`), soft members :math:`S` adding
+:math:`\sum_{i\in S} \frac{\rho_i}{2}\lVert A_i^\top p - m_i\rVert^2` to any objective.
+
+======================  ==============================================================  =========================
+name                    problem                                                         solver (default)
+======================  ==============================================================  =========================
+``sum_ce``              LP  :math:`\min_{p\in\mathcal F} -\sum_i w_i\, p\cdot\ell_i`    entropic continuation
+``sum_sq_ce``           QP  :math:`\min_{p\in\mathcal F} \sum_i w_i (p\cdot\ell_i)^2`   ADMM
+``least_squares``       :math:`\min_{p\in\Delta_v} \lVert A_H^\top p - m_H\rVert_2^2`   FISTA
+``kl``                  :math:`\min_{p\in\mathcal F} \sum_i w_i\,\mathrm{KL}(p\Vert\hat p_i)`      Newton (dual)
+``max_entropy``         :math:`\min_{p\in\mathcal F} \sum_j p_j\log p_j`                Newton (dual)
+``min_underestimation`` LP  :math:`\min_{p\in\mathcal F}\max_{i,j} p_j/\hat p_{ij}`     ADMM (ratio prox)
+``cross_entropy``       :math:`\min_{p\in\mathcal F} \sum_i w_i H(\hat p_i, p)`         Newton (dual, barrier)
+======================  ==============================================================  =========================
+
+Details and conventions:
+
+* ``sum_ce`` (the blog's LP).  The cost vector is :math:`c = -\sum_i w_i \ell_i`.  An LP has a
+  face of optima in general; the default solver follows the entropic path
+  :math:`\min c\cdot p - \varepsilon H(p)` down to a small :math:`\varepsilon`, whose limit is
+  the *maximum-entropy point of the optimal face* (Cominetti & San Martín, 1994); the ADMM
+  solver returns an optimum that depends on its start.  Without constraints the optimum is the
+  one-hot vector at :math:`\arg\min_j c_j` (the blog's remark).
+* ``sum_sq_ce`` (the blog's QP): :math:`\sum_i w_i (p\cdot\ell_i)^2 = \tfrac12\lVert F^\top p\rVert^2`
+  with :math:`F = [\sqrt{2w_1}\,\ell_1, \dots, \sqrt{2w_n}\,\ell_n]` (rank :math:`\le n`): no
+  single member's cross-entropy is allowed to be large.
+* ``least_squares``: the relaxation used when :math:`\mathcal F = \emptyset` (e.g. :math:`n d > v`,
+  or members whose moments no distribution shares).  Its residual :math:`r = m_H - A_H^\top p^\star`
+  yields the Farkas certificate :math:`d = r/\lVert r\rVert` with
+  :math:`d^\top m_H - \max_k (A_H d)_k = \lVert r\rVert > 0` (minimax duality), reported in
+  :class:`~jaxens.solvers.solution.Solution`.
+* ``kl`` (entropic): :math:`\sum_i w_i \mathrm{KL}(p\Vert\hat p_i) = \mathrm{KL}(p\Vert q) + \text{const}`
+  with :math:`q = \mathrm{softmax}(\sum_i w_i \ell_i)`, the logit average; the solution is
+  :math:`p = \mathrm{softmax}(\sum_i w_i\ell_i + A_H z)` for the minimiser :math:`z` of the convex
+  dual :math:`\mathrm{logsumexp}(\sum_i w_i\ell_i + A_H z) - z^\top m_H`.  Logit averaging is the
+  point :math:`z = 0`; the bottleneck correction is low rank, in the members' own embedding
+  directions.
+* ``max_entropy``: the same with a uniform prior, :math:`p = \mathrm{softmax}(A_H z)`.
+* ``min_underestimation`` (the blog's "minimum under-estimation of token log-probabilities").
+  Member :math:`i` under-estimates token :math:`j` by :math:`\log p_j - \log\hat p_{ij}` nats
+  when that is positive.  The objective minimises the *largest* such under-estimation over
+  members and tokens, :math:`\min_{p\in\mathcal F}\max_{i,j}(\log p_j - \log \hat p_{ij})`, which,
+  :math:`\exp` being monotone, is the LP :math:`\min s` s.t. :math:`p\in\mathcal F`,
+  :math:`0 \le p_j \le s\, r_j`, :math:`r_j = \min_i \hat p_{ij}`.
+* ``cross_entropy`` (the blog's "true distribution's cross-entropy with the predicted
+  distributions"): :math:`\sum_i w_i H(\hat p_i, p) = -\sum_j s_j \log p_j` with
+  :math:`s = \sum_i w_i \hat p_i`.  Without constraints its minimiser is probability averaging,
+  :math:`p = s`; with them, :math:`p_j = s_j / (A_H y + \mu)_j` for the dual optimum.
+
+Masked tokens.  A token with :math:`\ell_{ij} = -\infty` for *every* member gets :math:`p_j = 0`
+under every objective.  A token ruled out by *some* member gets :math:`p_j = 0` under the
+objectives that would otherwise be infinite (``sum_ce``, ``sum_sq_ce``, ``kl``,
+``min_underestimation``); ``least_squares``, ``max_entropy`` and ``cross_entropy`` only drop the
+tokens every member rules out.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+OBJECTIVES = (
+    "sum_ce",
+    "sum_sq_ce",
+    "least_squares",
+    "kl",
+    "max_entropy",
+    "min_underestimation",
+    "cross_entropy",
+)
+
+# Objectives whose value is infinite when p puts mass where some member has p_hat = 0.
+STRICT_MASK = frozenset({"sum_ce", "sum_sq_ce", "kl", "min_underestimation"})
+
+
+def check_objective(name: str) -> str:
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown bottleneck objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    return name
+
+
+class RowData(NamedTuple):
+    """Per-row canonical data shared by the objectives (no leading batch axis)."""
+
+    logp: Float[Array, "n v"]  # member log-probabilities, -inf where masked, finite elsewhere
+    mask: Bool[Array, " v"]  # tokens allowed for this objective
+    nonfinite: Bool[Array, ""]  # NaN / +inf in the member logits
+    weights: Float[Array, " n"]  # normalised, sum to one
+
+
+def row_data(objective: str, logits: Float[Array, "n v"], weights: Float[Array, " n"]) -> RowData:
+    """Member log-probs, the objective's token mask and a non-finite flag for one row."""
+    bad = jnp.isnan(logits) | (logits == jnp.inf)
+    nonfinite = jnp.any(bad)
+    logp = jax.nn.log_softmax(jnp.where(bad, 0.0, logits), axis=-1)
+    ruled_out = logp == -jnp.inf
+    if objective in STRICT_MASK:
+        # members with zero weight do not veto tokens
+        mask = ~jnp.any(ruled_out & (weights[:, None] > 0), axis=0)
+    else:
+        mask = ~jnp.all(ruled_out, axis=0)
+    # a row in which the objective's mask removes everything: fall back to the loose mask
+    mask = jnp.where(jnp.any(mask), mask, ~jnp.all(ruled_out, axis=0))
+    w = weights / jnp.sum(weights)
+    return RowData(logp, mask, nonfinite, w)
+
+
+def _finite(x: Array) -> Array:
+    return jnp.where(jnp.isfinite(x), x, 0.0)
+
+
+def linear_cost(d: RowData) -> Float[Array, " v"]:
+    """``sum_ce``: :math:`c = -\\sum_i w_i \\ell_i` (0 on masked tokens, which are pinned to 0)."""
+    c = -jnp.sum(jnp.where(d.weights[:, None] > 0, d.weights[:, None] * _finite(d.logp), 0.0), axis=0)
+    return jnp.where(d.mask, c, 0.0)
+
+
+def quadratic_factor(d: RowData) -> Float[Array, "v n"]:
+    """``sum_sq_ce``: :math:`F = [\\sqrt{2 w_i}\\,\\ell_i]_i` so that the objective is ``0.5||F^T p||^2``."""
+    F = jnp.sqrt(2.0 * d.weights)[:, None] * jnp.where(d.mask[None, :], _finite(d.logp), 0.0)
+    return F.T
+
+
+def kl_prior(d: RowData) -> Float[Array, " v"]:
+    """``kl``: the logit-average prior :math:`\\theta = \\sum_i w_i \\ell_i` (``-inf`` off the mask)."""
+    theta = -linear_cost(d)
+    return jnp.where(d.mask, theta, -jnp.inf)
+
+
+def uniform_prior(d: RowData) -> Float[Array, " v"]:
+    """``max_entropy``: :math:`\\theta = 0` on the mask."""
+    return jnp.where(d.mask, 0.0, -jnp.inf).astype(d.logp.dtype)
+
+
+def mixture_weights(d: RowData) -> Float[Array, " v"]:
+    """``cross_entropy``: :math:`s = \\sum_i w_i \\hat p_i` (probability average)."""
+    return jnp.where(d.mask, jnp.sum(d.weights[:, None] * jnp.exp(d.logp), axis=0), 0.0)
+
+
+def underestimation_bound(d: RowData) -> Float[Array, " v"]:
+    """``min_underestimation``: :math:`r_j = \\min_{i: w_i>0} \\hat p_{ij}`."""
+    p = jnp.where(d.weights[:, None] > 0, jnp.exp(d.logp), jnp.inf)
+    return jnp.where(d.mask, jnp.min(p, axis=0), 0.0)
