@@ -1,0 +1,223 @@
+r"""The softmax-bottleneck combiner: solve for the distribution every member agrees with.
+
+For each batch row, given the members' logits :math:`\ell_i` (each ``(B, v)``):
+
+1. member distributions :math:`\hat p_i = \mathrm{softmax}(\ell_i)` and moments
+   :math:`m_i = A_i^\top \hat p_i` (:meth:`BottleneckProblem.moments`);
+2. if there are hard members, the least-squares phase
+   :math:`\min_{p\in\Delta}\lVert A_H^\top p - m_H\rVert^2` decides feasibility; an infeasible row
+   returns that least-squares distribution with status ``INFEASIBLE`` and a Farkas certificate
+   (never a silent fallback);
+3. otherwise the objective's solver (:mod:`jaxens.objectives`) returns :math:`p^\star`;
+4. optional smoothing :math:`(1-\lambda)p^\star + \lambda\,\mathrm{softmax}(\sum_i w_i\ell_i)` keeps
+   every token the logit average allows (LP vertices put zero mass on most tokens).
+
+The output is :math:`\log p` (``-inf`` where :math:`p_j = 0`) and the per-row
+:class:`~jaxens.solvers.solution.Solution`.  Rows with NaN/``+inf`` logits return the uniform
+distribution over the allowed tokens with status ``NONFINITE_INPUT``.
+
+Gradients with respect to the member logits, the weights, ``rho`` and ``lam`` flow through the
+solvers' implicit (or unrolled) adjoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+from jaxens import objectives as obj
+from jaxens.combiners.base import Combiner, check_member_logits, check_weights
+from jaxens.problem import BottleneckProblem
+from jaxens.solvers.solution import Solution, Status
+
+
+class BottleneckState(NamedTuple):
+    """Warm starts carried between decoding steps (one per row)."""
+
+    warm: Any  # solver-specific warm start pytree with a leading batch axis
+    valid: Bool[Array, " B"]  # False before the first step
+
+
+def default_solver(objective: str):
+    """The solver each objective uses unless one is given."""
+    from jaxens.solvers.admm import ADMM
+    from jaxens.solvers.fista import FISTA
+    from jaxens.solvers.newton import EntropicNewton
+    from jaxens.solvers.reverse_ce import ReverseCENewton
+
+    return {
+        "sum_ce": EntropicNewton(),
+        "sum_sq_ce": ADMM(),
+        "least_squares": FISTA(),
+        "kl": EntropicNewton(),
+        "max_entropy": EntropicNewton(),
+        "min_underestimation": ADMM(),
+        "cross_entropy": ReverseCENewton(),
+    }[objective]
+
+
+def _uniform_on(mask: Array, dtype) -> Array:
+    return jnp.where(mask, 1.0, 0.0).astype(dtype) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def _select(pred: Array, a: Solution, b: Solution) -> Solution:
+    return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+def solve_row(
+    problem: BottleneckProblem,
+    objective: str,
+    solver: Any,
+    logits: Float[Array, "n v"],
+    weights: Float[Array, " n"],
+    rho: Float[Array, " n"],
+    warm: Any,
+    check_feasibility: bool = True,
+) -> tuple[Solution, Any]:
+    """Solve one row.  Returns the solution and the next warm start."""
+    from jaxens.solvers.feasibility import least_squares
+
+    d = obj.row_data(objective, logits, weights)
+    probs = jnp.exp(d.logp)
+    m = problem.moments(probs)
+    name = type(solver).__name__
+
+    if objective == "least_squares":
+        sol = least_squares(problem, m, d.mask, solver=solver)
+        new_warm = warm
+    elif objective == "sum_ce":
+        c = obj.linear_cost(d)
+        if name == "ADMM":
+            F = jnp.zeros((problem.vocab_size, 0), c.dtype)
+            sol, new_warm = solver.solve(problem, c, F, d.mask, m, rho, x0=warm)
+        else:
+            sol, new_warm = solver.solve_lp(problem, c, d.mask, m, rho, z0=warm)
+    elif objective == "sum_sq_ce":
+        c = jnp.zeros((problem.vocab_size,), d.logp.dtype)
+        sol, new_warm = solver.solve(problem, c, obj.quadratic_factor(d), d.mask, m, rho, x0=warm)
+    elif objective in ("kl", "max_entropy"):
+        theta = obj.kl_prior(d) if objective == "kl" else obj.uniform_prior(d)
+        sol, new_warm = solver.solve(problem, theta, d.mask, m, rho, z0=warm)
+    elif objective == "cross_entropy":
+        sol, new_warm = solver.solve(problem, obj.mixture_weights(d), d.mask, m, rho, y0=warm)
+    elif objective == "min_underestimation":
+        sol, new_warm = solver.solve_ratio(problem, obj.underestimation_bound(d), d.mask, m, x0=warm)
+    else:  # pragma: no cover - guarded by check_objective
+        raise ValueError(objective)
+
+    if problem.hard and check_feasibility and objective != "least_squares":
+        ls = least_squares(problem, m, d.mask)
+        sol = _select(ls.status == Status.INFEASIBLE, ls, sol)
+
+    fallback = sol._replace(
+        p=_uniform_on(d.mask, sol.p.dtype),
+        status=jnp.asarray(Status.NONFINITE_INPUT, sol.status.dtype),
+    )
+    sol = _select(d.nonfinite, fallback, sol)
+    return sol, new_warm
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    objective: str
+    solver: Any
+    check_feasibility: bool
+
+
+def bottleneck(
+    problem: BottleneckProblem,
+    objective: str = "kl",
+    *,
+    weights: Float[Array, " n"] | None = None,
+    rho: Float[Array, " n"] | float | None = None,
+    lam: float | Float[Array, ""] = 0.0,
+    solver: Any | None = None,
+    check_feasibility: bool = True,
+    warm_start: bool = True,
+) -> Combiner:
+    """The bottleneck combiner for a prebuilt :class:`BottleneckProblem`.
+
+    Args:
+      problem: from :func:`jaxens.make_problem` (its ``hard``/``soft`` sets are the constraint set).
+      objective: one of :data:`jaxens.objectives.OBJECTIVES`.
+      weights: member weights ``w_i`` (normalised; default uniform).
+      rho: soft-constraint strengths ``rho_i`` (scalar or per member; used for ``problem.soft``).
+      lam: smoothing weight towards the logit average, in ``[0, 1]``.
+      solver: a solver instance overriding :func:`default_solver`.
+      check_feasibility: run the least-squares phase on hard constraints (reports infeasibility).
+      warm_start: carry each row's dual/primal iterate to the next step.
+    """
+    obj.check_objective(objective)
+    n = problem.num_members
+    solver = default_solver(objective) if solver is None else solver
+    if isinstance(lam, (int, float)) and not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam (smoothing weight) must be in [0, 1], got {lam}")
+    if problem.soft and rho is None:
+        raise ValueError(
+            f"problem has soft members {problem.soft}; pass rho (a scalar or one value per member)"
+        )
+
+    def _rho(dtype):
+        if rho is None:
+            return jnp.zeros((n,), dtype)
+        r = jnp.broadcast_to(jnp.asarray(rho, dtype), (n,)) if jnp.ndim(rho) == 0 else jnp.asarray(rho, dtype)
+        if r.shape != (n,):
+            raise ValueError(f"rho must be a scalar or have shape ({n},), got {r.shape}")
+        return r
+
+    def row(x, w, r, warm):
+        return solve_row(problem, objective, solver, x, w, r, warm, check_feasibility)
+
+    def _warm_shape(batch: int, dtype):
+        x = jax.ShapeDtypeStruct((n, problem.vocab_size), dtype)
+        w = jax.ShapeDtypeStruct((n,), dtype)
+        cold = _cold_warm(problem, objective, solver, dtype)
+        out = jax.eval_shape(lambda x, w, r: row(x, w, r, cold)[1], x, w, w)
+        return jax.tree.map(lambda s: jnp.zeros((batch,) + s.shape, s.dtype), out)
+
+    def init(batch_size: int) -> BottleneckState:
+        dtype = problem.A.dtype
+        return BottleneckState(_warm_shape(batch_size, dtype), jnp.zeros((batch_size,), bool))
+
+    def combine(logits, state: BottleneckState | None):
+        B, v = check_member_logits(logits, n)
+        if v != problem.vocab_size:
+            raise ValueError(
+                f"member logits have vocabulary size {v} but the bottleneck problem was built for "
+                f"v={problem.vocab_size} (unembedding shape {tuple(problem.A.shape)})"
+            )
+        dtype = problem.A.dtype
+        x = jnp.stack([jnp.asarray(l, dtype) for l in logits], axis=1)  # (B, n, v)
+        w = check_weights(weights, n, dtype)
+        r = _rho(dtype)
+        if state is None:
+            state = init(B)
+        cold = _cold_warm(problem, objective, solver, dtype)
+        warm = jax.tree.map(
+            lambda prev, c: jnp.where(
+                (state.valid & warm_start).reshape((B,) + (1,) * (prev.ndim - 1)), prev, c
+            ),
+            state.warm,
+            cold,
+        )
+        sol, new_warm = jax.vmap(row, in_axes=(0, None, None, 0))(x, w, r, warm)
+        p = sol.p
+        if not (isinstance(lam, (int, float)) and lam == 0.0):
+            d = jax.vmap(lambda xx: obj.row_data("kl", xx, w))(x)
+            q = jax.nn.softmax(jax.vmap(obj.kl_prior)(d), axis=-1)
+            p = (1.0 - lam) * p + lam * q
+        logp = jnp.where(p > 0, jnp.log(jnp.where(p > 0, p, 1.0)), -jnp.inf)
+        return logp, BottleneckState(new_warm, jnp.ones((B,), bool)), sol
+
+    return Combiner(init, combine)
+
+
+def _cold_warm(problem: BottleneckProblem, objective: str, solver: Any, dtype) -> Any:
+    """The cold-start warm pytree (unbatched), as each solver defines it."""
+    if hasattr(solver, "cold_start"):
+        return solver.cold_start(problem, dtype)
+    return None

@@ -1,0 +1,149 @@
+r"""Least-squares phase and Farkas certificate of the hard bottleneck constraints.
+
+For one row, the least-squares relaxation is
+
+.. math::  p_{LS} = \arg\min_{p \in \mathcal C} \lVert A_H^\top p - m_H\rVert^2,
+           \qquad \mathcal C = \{p \in \Delta_v : p_j = 0 \text{ off mask}\ (,\ p \le u)\},
+
+solved by :class:`~jaxens.solvers.fista.FISTA` with hard weight ``h = 2``.  With the residual
+:math:`r = m_H - A_H^\top p_{LS}` the certificate is :math:`d = r/\lVert r\rVert` and
+
+.. math::  \mathrm{margin}(d) = d^\top m_H - \sigma_{\mathcal C}(A_H d),\qquad
+           \sigma_{\mathcal C}(g) = \max_{s\in\mathcal C} g^\top s
+           \ (= \max_{k\in\mathrm{mask}} (A_H d)_k \text{ without caps}).
+
+By minimax duality :math:`\max_{\lVert d\rVert\le1}\mathrm{margin}(d) = \min_{p\in\mathcal C}
+\lVert m_H - A_H^\top p\rVert`, so (weak duality) a positive margin *proves* that no
+:math:`p\in\mathcal C` satisfies :math:`A_H^\top p = m_H` (a Farkas certificate), and at the exact
+least-squares optimum the margin equals :math:`\lVert r\rVert`.  For any iterate ``p`` the margin of
+:math:`d = r/\lVert r\rVert` is exactly :math:`\lVert r\rVert - g_{FW}/(2\lVert r\rVert)` with
+:math:`g_{FW}` the Frank-Wolfe gap of :math:`\lVert A_H^\top p - m_H\rVert^2` at ``p``; it is
+computed directly from ``d`` anyway.
+
+Verdict (per row):
+
+* ``INFEASIBLE`` iff ``margin > feas_tol`` (sound whenever the margin is evaluated accurately: a
+  feasible row has margin ``<= 0``);
+* ``SOLVED`` if the least-squares problem converged (FISTA gap) or ``||r||_2 <= feas_tol``
+  (feasible to tolerance: then no certificate with margin above ``feas_tol`` can exist);
+* ``MAX_ITERS`` otherwise (undecided).
+
+``feas_tol = feas_rtol * max(1, ||m_H||_2)`` with ``feas_rtol`` = ``1e-4`` in float32 and
+``1e-7`` in float64 by default (the rounding of ``A_H^T p`` over ``v`` terms is ~``1e-6`` relative
+in float32).  With ``decide=True`` the loop stops as soon as the verdict is known (used by
+basis-aware truncation); otherwise it runs to the least-squares tolerance (the
+``least_squares`` objective).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+from jaxens.problem import BottleneckProblem
+from jaxens.solvers.fista import FISTA, FISTAState, max_linear
+from jaxens.solvers.solution import Solution, Status
+
+DEFAULT_LS_SOLVER = FISTA(tol=1e-7, max_iters=5000)
+
+
+def default_feas_rtol(dtype) -> float:
+    """Relative feasibility tolerance per dtype (``1e-4`` float32, ``1e-7`` float64)."""
+    return 1e-7 if jnp.dtype(dtype) == jnp.float64 else 1e-4
+
+
+def _hard_res_norm(state: FISTAState, hard_cols) -> Array:
+    return jnp.linalg.norm(state.r[hard_cols])
+
+
+def _decided(state: FISTAState, arg) -> Array:
+    """Stop rule for ``decide=True``: certified infeasible or feasible to tolerance."""
+    feas_tol, hard_cols = arg
+    rn = _hard_res_norm(state, hard_cols)
+    # margin of d = r/||r|| from the FW gap of ||A_H^T p - m_H||^2 (exact identity, see module doc)
+    margin = rn - state.gap / (2.0 * jnp.maximum(rn, jnp.finfo(rn.dtype).tiny))
+    return (rn <= feas_tol) | (margin > feas_tol)
+
+
+def least_squares(
+    problem: BottleneckProblem,
+    m: Float[Array, " D"],
+    mask: Bool[Array, " v"],
+    solver: FISTA = DEFAULT_LS_SOLVER,
+    *,
+    ub: Float[Array, " v"] | None = None,
+    feas_rtol: float | None = None,
+    decide: bool = False,
+    p0: Float[Array, " v"] | None = None,
+) -> Solution:
+    """Least-squares phase with a Farkas certificate, for one row (``vmap`` for a batch).
+
+    Args:
+      problem: the bottleneck problem (its hard members define ``A_H``).
+      m: all members' moments of this row, ``(D,)``.
+      mask: allowed tokens, ``(v,)``.
+      solver: the FISTA instance used for the least-squares problem.
+      ub: optional caps ``p <= ub`` (basis-aware truncation).
+      feas_rtol: relative feasibility tolerance (default per dtype, see module doc).
+      decide: stop as soon as the feasibility verdict is known.
+      p0: optional warm start.
+
+    Returns:
+      A :class:`Solution` whose ``p`` is the least-squares distribution, ``status`` the verdict,
+      ``gap`` the FISTA Frank-Wolfe gap, ``certificate`` the direction ``d`` (zeros outside the
+      hard columns) and ``certificate_margin`` its margin.
+    """
+    return _least_squares(problem, m, mask, solver, ub, feas_rtol, decide, p0)
+
+
+@functools.partial(jax.jit, static_argnames=("solver", "feas_rtol", "decide"))
+def _least_squares(problem, m, mask, solver, ub, feas_rtol, decide, p0):
+    dtype = problem.A.dtype
+    v, D = problem.A.shape
+    if m.shape != (D,):
+        raise ValueError(f"m must have shape (D={D},) for one row (vmap for a batch), got {m.shape}")
+    if not problem.hard:
+        raise ValueError("least_squares needs hard members (make_problem(..., hard=...))")
+    if feas_rtol is None:
+        feas_rtol = default_feas_rtol(dtype)
+    m = jnp.asarray(m, dtype)
+    hard_cols = jnp.asarray(problem.columns(problem.hard))
+    m_h = m[hard_cols]
+    feas_tol = feas_rtol * jnp.maximum(1.0, jnp.linalg.norm(jnp.where(jnp.isfinite(m_h), m_h, 0.0)))
+    zeros_v = jnp.zeros((v,), dtype)
+    sol, state = solver.run(
+        problem,
+        zeros_v,
+        jnp.zeros((v, 0), dtype),
+        mask,
+        m,
+        jnp.zeros((problem.num_members,), dtype),
+        hard_weight=2.0,
+        p0=p0,
+        ub=ub,
+        stop_fn=_decided if decide else None,
+        stop_arg=(feas_tol, hard_cols) if decide else None,
+    )
+    p = sol.p
+    r = m_h - p @ problem.A_hard  # m_H - A_H^T p
+    rn = jnp.linalg.norm(r)
+    d = r / jnp.maximum(rn, jnp.finfo(dtype).tiny)
+    ub_eff = None if ub is None else jnp.where(mask, jnp.asarray(ub, dtype), 0.0)
+    margin = d @ m_h - max_linear(problem.A_hard @ d, mask, ub_eff)
+    margin = jnp.where(rn > 0, margin, -jnp.inf)
+    box_empty = (
+        jnp.zeros((), bool) if ub_eff is None else jnp.sum(ub_eff) < 1.0 - jnp.finfo(dtype).eps * v
+    )
+    infeasible = (margin > feas_tol) | box_empty
+    ok = sol.status == Status.SOLVED
+    status = jnp.where(infeasible, Status.INFEASIBLE, jnp.where(ok | (rn <= feas_tol), Status.SOLVED, sol.status))
+    status = jnp.where(sol.status >= Status.NONFINITE_INPUT, sol.status, status).astype(jnp.int32)
+    cert = jnp.zeros((D,), dtype).at[hard_cols].set(d)
+    return sol._replace(
+        status=status,
+        certificate=jnp.where(status == Status.INFEASIBLE, cert, 0.0),
+        certificate_margin=jnp.where(jnp.isfinite(margin), margin, 0.0).astype(dtype),
+    )
