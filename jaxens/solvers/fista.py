@@ -134,8 +134,8 @@ def project(
     y: Float[Array, " v"], mask: Bool[Array, " v"], ub: Float[Array, " v"] | None
 ) -> Float[Array, " v"]:
     if ub is None:
-        return project_masked_simplex(y, mask)
-    return project_capped_simplex(y, jnp.where(mask, ub, 0.0))
+        return project_masked_simplex(y, mask).astype(y.dtype)
+    return project_capped_simplex(y, jnp.where(mask, ub, 0.0)).astype(y.dtype)
 
 
 def uniform_on(mask: Bool[Array, " v"], dtype) -> Float[Array, " v"]:
@@ -343,7 +343,8 @@ def _fista_solve(
             new = new._replace(stop=stop_fn(new, stop_arg))
         # never step onto a non-finite iterate: keep the last finite one
         ok = jnp.isfinite(fz) & jnp.all(jnp.isfinite(z))
-        return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, s._replace(f=jnp.asarray(jnp.nan, dtype)))
+        bad = s._replace(f=jnp.asarray(jnp.nan, dtype))
+        return jax.tree.map(lambda a, b: jnp.where(ok, a, b).astype(b.dtype), new, bad)
 
     state = jax.lax.while_loop(cond, body, state)
     numerr = ~jnp.isfinite(state.f)

@@ -1,0 +1,214 @@
+r"""ME: the mixture-model-like ensemble (one member's forward pass per decoding step).
+
+At step :math:`t` one member :math:`i_t \sim \mathrm{Categorical}(w)` is drawn *for the whole
+batch* and the next token of every row is sampled from that member alone,
+:math:`y_{b,t} \sim \hat p_{i_t}(\cdot \mid y_{b,<t})`.  Because :math:`i_t` is independent of
+the rows and of the past, the per-step distribution of every row is exactly the mixture
+
+.. math::  P(y_{b,t} = j \mid y_{b,<t}) = \sum_i \tilde w_i \, \hat p_{ij}, \qquad
+           \tilde w_i = w_i / \textstyle\sum_k w_k,
+
+i.e. probability averaging (:func:`jaxens.prob_average`), and so is the distribution of whole
+sequences, while only one member runs per step (ME: "Mixture-model-like Ensemble"; see
+``SOURCES.md`` section 2).  With ``temperature`` :math:`T` each member's distribution is
+:math:`\mathrm{softmax}(\ell_i / T)` and the exact counterpart is
+``prob_average(weights, temperature=T)`` with plain sampling.
+
+**Pending tokens and catch-up.**  Member caches share the slot layout of the token buffer.  A
+member that was not drawn keeps the new tokens *pending*; when it is next drawn it runs one
+chunked prefill over all its pending tokens at once (a forward of ``T = 2^m >= pending``
+tokens, the smallest of the static chunk sizes ``1, 2, 4, ..., max_pending``; the extra
+positions of the chunk write garbage into future slots which are overwritten before any real
+query can attend to them), and its logits at the last pending token give the step's
+distribution.  The pending buffer is bounded: a member whose pending count reaches
+``max_pending`` at the start of a step is caught up *eagerly* in that step even though it was not
+drawn (its logits are discarded), so no member ever needs a chunk longer than ``max_pending``
+and the cache needs only ``max_pending`` slots of slack.  Eager catch-ups cost an extra forward
+of ``max_pending`` tokens for members with small weights; they are counted in the statistics.
+
+**Truncating samplers are not exact under ME.**  Sampling token :math:`j` from
+:math:`\hat p_{i}` with probability :math:`w_i` reproduces the mixture only for *plain*
+sampling.  Greedy, top-k, top-p and min-p of the mixture need every member's distribution,
+which ME does not compute.  The published ME code applies them to the drawn member instead (so
+"greedy ME" is the argmax of a randomly drawn member, not the argmax of the mixture).  jaxens:
+
+* by default ME accepts only a plain sampler (``Sampler()``: temperature 1, no truncation) and
+  takes the member temperature as :attr:`MixtureEnsemble.temperature`; anything else raises a
+  ``ValueError`` that points to the exact alternative: the ordinary decode loop with the
+  ``prob_average`` combiner, which truncates the combined distribution;
+* with ``per_member_truncation=True`` the sampler (temperature, top-k/p, min-p, greedy) is
+  applied to the drawn member's distribution, reproducing the published behaviour, documented
+  as *not* the mixture's truncation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from jaxens.combiners.averaging import prob_average
+from jaxens.combiners.base import Combiner
+
+
+class MEStepInfo(NamedTuple):
+    member: Int[Array, ""]  # member drawn this step
+    processed: Int[Array, " n"]  # pending tokens each member consumed this step
+    eager: Bool[Array, " n"]  # member was caught up eagerly (pending buffer full, not drawn)
+
+
+class MEStats(NamedTuple):
+    """ME diagnostics aggregated over a decode."""
+
+    draws: Int[Array, " n"]  # steps on which member i was drawn
+    forward_tokens: Int[Array, " n"]  # tokens member i ran its forward on (incl. prompt tail)
+    eager_catchups: Int[Array, " n"]  # eager catch-ups of member i
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureEnsemble:
+    """Static ME settings (hashable).  Use :func:`me` to build one.
+
+    Attributes:
+      weights: mixture weights ``w_i >= 0`` (normalised), ``None`` for uniform.
+      temperature: member temperature ``T > 0``: member ``i`` samples from ``softmax(l_i / T)``.
+      max_pending: bound on the pending tokens of a member (chunk size of the catch-up).
+      per_member_truncation: apply a truncating sampler to the drawn member (not exact; see
+        the module doc).
+    """
+
+    weights: tuple[float, ...] | None = None
+    temperature: float = 1.0
+    max_pending: int = 8
+    per_member_truncation: bool = False
+
+    def __post_init__(self):
+        if self.weights is not None:
+            w = tuple(float(x) for x in self.weights)
+            if any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
+                raise ValueError(f"ME weights must be finite, >= 0 and not all zero, got {w}")
+            object.__setattr__(self, "weights", w)
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+            raise ValueError(f"ME temperature must be a finite number > 0, got {t!r}")
+        if isinstance(self.max_pending, bool) or not isinstance(self.max_pending, int) or self.max_pending < 1:
+            raise ValueError(f"max_pending must be an int >= 1, got {self.max_pending!r}")
+
+    @property
+    def chunk_sizes(self) -> tuple[int, ...]:
+        """Static catch-up chunk lengths ``1, 2, 4, ... < max_pending`` and ``max_pending``."""
+        sizes, s = [], 1
+        while s < self.max_pending:
+            sizes.append(s)
+            s *= 2
+        return tuple(sizes) + (self.max_pending,)
+
+    def normalized_weights(self, n: int) -> tuple[float, ...]:
+        if self.weights is None:
+            return (1.0 / n,) * n
+        if len(self.weights) != n:
+            raise ValueError(f"ME has {len(self.weights)} weights but the ensemble has {n} members")
+        s = sum(self.weights)
+        return tuple(x / s for x in self.weights)
+
+    def exact_combiner(self) -> Combiner:
+        """The combiner whose plain sampling ME reproduces exactly: probability averaging."""
+        return prob_average(None if self.weights is None else jnp.asarray(self.weights), self.temperature)
+
+    def check_sampler(self, sampler) -> None:
+        if self.per_member_truncation or sampler.is_plain:
+            return
+        raise ValueError(
+            f"ME samples exactly from the probability average only with plain sampling, got {sampler}. "
+            "Set the member temperature with me(temperature=...) and use Sampler(); for greedy / top-k / "
+            "top-p / min-p of the mixture use the prob_average combiner in the ordinary decode loop (exact); "
+            "or pass me(per_member_truncation=True) to truncate the drawn member's distribution (the "
+            "published ME behaviour, NOT the mixture's truncation)"
+        )
+
+    def init_stats(self, n: int) -> MEStats:
+        z = jnp.zeros((n,), jnp.int32)
+        return MEStats(z, z, z)
+
+    def update_stats(self, stats: MEStats, info: MEStepInfo) -> MEStats:
+        n = stats.draws.shape[0]
+        return MEStats(
+            stats.draws + (jnp.arange(n) == info.member).astype(jnp.int32),
+            stats.forward_tokens + info.processed,
+            stats.eager_catchups + info.eager.astype(jnp.int32),
+        )
+
+
+def me(
+    weights: Sequence[float] | Array | None = None,
+    *,
+    temperature: float = 1.0,
+    max_pending: int = 8,
+    per_member_truncation: bool = False,
+) -> MixtureEnsemble:
+    """ME with mixture weights ``weights`` (uniform when ``None``); see the module doc."""
+    if weights is not None:
+        weights = tuple(float(x) for x in jax.device_get(jnp.ravel(jnp.asarray(weights))))
+    return MixtureEnsemble(weights, temperature, max_pending, per_member_truncation)
+
+
+# forward(member_index, chunk_length (static), cache, start_slot) -> (logits (B, T, v), cache)
+Forward = Callable[[int, int, Any, Int[Array, ""]], tuple[Float[Array, "B T v"], Any]]
+
+
+def me_step(
+    ens: MixtureEnsemble,
+    forward: Forward,
+    caches: tuple,
+    cached: Int[Array, " n"],
+    length: Int[Array, ""],
+    key: Array,
+    out_shape: tuple[int, int],
+) -> tuple[Float[Array, "B v"], tuple, Int[Array, " n"], MEStepInfo]:
+    """One ME step: draw a member, catch it (and any member whose buffer is full) up.
+
+    ``cached[j]`` is the number of token-buffer slots already in member ``j``'s cache and
+    ``length`` the number of filled slots, so member ``j`` has ``length - cached[j]`` pending
+    tokens (at least 1, at most ``max_pending``).  Returns the drawn member's log-probabilities
+    at temperature ``ens.temperature`` for the token after slot ``length - 1``.
+    """
+    n = len(caches)
+    logw = jnp.log(jnp.asarray(ens.normalized_weights(n), jnp.float32))
+    drawn = jax.random.categorical(key, logw).astype(jnp.int32)
+    sizes = ens.chunk_sizes
+    P = ens.max_pending
+    new_caches, outs, processed, eager, new_cached = [], [], [], [], []
+    for j in range(n):
+        pending = length - cached[j]
+        run = (drawn == j) | (pending >= P)
+        size_index = sum((pending > s).astype(jnp.int32) for s in sizes[:-1]) if len(sizes) > 1 else 0
+        branch = jnp.where(run, 1 + size_index, 0)
+
+        def skip(cache):
+            return jnp.zeros(out_shape, jnp.float32), cache
+
+        def make_chunk(T, j=j, pending=pending):
+            def chunk(cache):
+                logits, cache = forward(j, T, cache, cached[j])
+                last = jax.lax.dynamic_index_in_dim(logits, pending - 1, axis=1, keepdims=False)
+                return last.astype(jnp.float32), cache
+
+            return chunk
+
+        out, cache = jax.lax.switch(branch, [skip] + [make_chunk(T) for T in sizes], caches[j])
+        new_caches.append(cache)
+        outs.append(out)
+        processed.append(jnp.where(run, pending, 0))
+        eager.append(run & (drawn != j))
+        new_cached.append(jnp.where(run, length, cached[j]))
+    logits = jnp.stack(outs)[drawn]
+    bad = jnp.any(jnp.isnan(logits) | (logits == jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(bad, 0.0, logits)  # a non-finite row falls back to uniform, never NaN
+    log_probs = jax.nn.log_softmax(logits / ens.temperature, axis=-1)
+    info = MEStepInfo(drawn, jnp.stack(processed).astype(jnp.int32), jnp.stack(eager))
+    return log_probs, tuple(new_caches), jnp.stack(new_cached).astype(jnp.int32), info

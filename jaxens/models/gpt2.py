@@ -1,0 +1,233 @@
+"""GPT-2 (Radford et al., 2019) as a Flax NNX member.
+
+With ``LN`` the LayerNorm ``(x − μ) / sqrt(σ² + ε) · γ + β`` and learned positions ``P``:
+
+    x_0 = E[token] + P[position]
+    [q, k, v] = LN_1(x) W_qkv + b_qkv                      (one fused projection, "c_attn")
+    h  = x + Attn(q, k, v) W_o + b_o
+    x' = h + gelu_tanh(LN_2(h) W_fc + b_fc) W_proj + b_proj
+
+and logits ``E LN_f(x_L)`` (tied head).  Weights are stored ``[in, out]`` as in transformers'
+``Conv1D``, so they load without transposition.  Matches ``transformers``' ``GPT2LMHeadModel``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Bool, Float, Int
+
+from jaxens.models import layers as ly
+from jaxens.models.base import KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    vocab_size: int = 50257
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    d_ff: int | None = None  # default 4 d
+    max_len: int = 1024
+    ln_eps: float = 1e-5
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.d_ff is None:
+            object.__setattr__(self, "d_ff", 4 * self.d_model)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"Expected {name} > 0, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if not self.ln_eps > 0:
+            raise ValueError(f"Expected ln_eps > 0, got {self.ln_eps}")
+        ly.check_dtype(self.dtype)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def gpt2_small(cls, **kw) -> "GPT2Config":
+        return cls(**kw)
+
+    @classmethod
+    def tiny(cls, **kw) -> "GPT2Config":
+        base = dict(vocab_size=103, d_model=64, n_layers=2, n_heads=4, max_len=128)
+        base.update(kw)
+        return cls(**base)
+
+    @classmethod
+    def from_hf(cls, cfg: Mapping, dtype: str = "float32") -> "GPT2Config":
+        if cfg.get("model_type", "gpt2") != "gpt2":
+            raise ValueError(f"GPT2Config.from_hf: model_type {cfg.get('model_type')!r} is not gpt2")
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if cfg.get(flag):
+                raise ValueError(f"GPT-2 option {flag}=True is not supported")
+        if cfg.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"GPT-2 activation {cfg['activation_function']!r} is not supported (gelu_new)")
+        return cls(
+            vocab_size=int(cfg["vocab_size"]),
+            d_model=int(cfg.get("n_embd", 768)),
+            n_layers=int(cfg.get("n_layer", 12)),
+            n_heads=int(cfg.get("n_head", 12)),
+            d_ff=cfg.get("n_inner"),
+            max_len=int(cfg.get("n_positions", 1024)),
+            ln_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+            dtype=dtype,
+        )
+
+    def to_hf(self) -> dict:
+        return {
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": self.vocab_size,
+            "n_embd": self.d_model,
+            "n_layer": self.n_layers,
+            "n_head": self.n_heads,
+            "n_inner": self.d_ff,
+            "n_positions": self.max_len,
+            "layer_norm_epsilon": self.ln_eps,
+            "activation_function": "gelu_new",
+            "tie_word_embeddings": True,
+            "torch_dtype": self.dtype,
+        }
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        L, d, F = self.n_layers, self.d_model, self.d_ff
+        return {
+            "embed": (self.vocab_size, d),
+            "pos_embed": (self.max_len, d),
+            "ln_f_w": (d,),
+            "ln_f_b": (d,),
+            "layers/ln1_w": (L, d),
+            "layers/ln1_b": (L, d),
+            "layers/w_qkv": (L, d, 3 * d),
+            "layers/b_qkv": (L, 3 * d),
+            "layers/w_o": (L, d, d),
+            "layers/b_o": (L, d),
+            "layers/ln2_w": (L, d),
+            "layers/ln2_b": (L, d),
+            "layers/w_fc": (L, d, F),
+            "layers/b_fc": (L, F),
+            "layers/w_proj": (L, F, d),
+            "layers/b_proj": (L, d),
+        }
+
+
+_P = "transformer.h.{i}."
+_HF_LAYER = {
+    "ln1_w": (_P + "ln_1.weight", False),
+    "ln1_b": (_P + "ln_1.bias", False),
+    "w_qkv": (_P + "attn.c_attn.weight", False),
+    "b_qkv": (_P + "attn.c_attn.bias", False),
+    "w_o": (_P + "attn.c_proj.weight", False),
+    "b_o": (_P + "attn.c_proj.bias", False),
+    "ln2_w": (_P + "ln_2.weight", False),
+    "ln2_b": (_P + "ln_2.bias", False),
+    "w_fc": (_P + "mlp.c_fc.weight", False),
+    "b_fc": (_P + "mlp.c_fc.bias", False),
+    "w_proj": (_P + "mlp.c_proj.weight", False),
+    "b_proj": (_P + "mlp.c_proj.bias", False),
+}
+_HF_TOP = {"embed": "transformer.wte.weight", "pos_embed": "transformer.wpe.weight",
+           "ln_f_w": "transformer.ln_f.weight", "ln_f_b": "transformer.ln_f.bias", "lm_head": "lm_head.weight"}
+
+
+def params_from_hf(config: GPT2Config, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from jaxens.models.loading import gather_stacked
+
+    if "wte.weight" in tensors:  # the original checkpoints have no "transformer." prefix
+        tensors = {("transformer." + k if not k.startswith("lm_head.") else k): v for k, v in tensors.items()}
+    return gather_stacked(config.param_shapes(), _HF_TOP, _HF_LAYER, config.n_layers, tensors)
+
+
+def params_to_hf(config: GPT2Config, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from jaxens.models.loading import scatter_stacked
+
+    return scatter_stacked(params, _HF_TOP, _HF_LAYER, config.n_layers)
+
+
+def init_params(config: GPT2Config, key: Array, std: float = 0.02) -> dict[str, Array]:
+    shapes = config.param_shapes()
+    keys = jax.random.split(key, len(shapes))
+    out = {}
+    for k, (name, shape) in zip(keys, sorted(shapes.items())):
+        z = jax.random.normal(k, shape, jnp.float32)
+        out[name] = 1.0 + 0.1 * z if name.endswith("_w") and "ln" in name else (0.1 if "_b" in name else std) * z
+    return out
+
+
+class GPT2(nnx.Module):
+    """GPT-2 member; see the module docstring for the equations."""
+
+    def __init__(self, config: GPT2Config, params: Mapping[str, Array] | None = None, *,
+                 rngs: nnx.Rngs | None = None):
+        if params is None:
+            rngs = rngs if rngs is not None else nnx.Rngs(0)
+            params = init_params(config, rngs.params())
+        shapes = config.param_shapes()
+        if set(params) != set(shapes):
+            raise ValueError(f"Expected parameters {sorted(shapes)}, got {sorted(params)}")
+        for name, shape in shapes.items():
+            if tuple(params[name].shape) != shape:
+                raise ValueError(f"Parameter {name}: expected shape {shape}, got {tuple(params[name].shape)}")
+        dt = ly.DTYPES[config.dtype]
+        self.config = config
+        self.top = nnx.Dict({n: nnx.Param(jnp.asarray(v, dt)) for n, v in params.items() if "/" not in n})
+        self.layers = nnx.Dict({n.split("/", 1)[1]: nnx.Param(jnp.asarray(v, dt))
+                                for n, v in params.items() if n.startswith("layers/")})
+
+    def params_numpy(self) -> dict[str, np.ndarray]:
+        out = {k: v[...] for k, v in self.top.items()}
+        out.update({f"layers/{k}": v[...] for k, v in self.layers.items()})
+        return {k: np.asarray(jnp.asarray(v, jnp.float32)) for k, v in out.items()}
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        c = self.config
+        shape = (c.n_layers, batch, max_len, c.n_heads, c.head_dim)
+        dt = dtype if dtype is not None else ly.DTYPES[c.dtype]
+        return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt))
+
+    def unembedding(self) -> tuple[Float[Array, "V d"], None]:
+        return self.top["embed"][...], None
+
+    def __call__(
+        self,
+        tokens: Int[Array, "B T"],
+        positions: Int[Array, "B T"],
+        cache: KVCache,
+        cache_index: Int[Array, ""],
+        kv_mask: Bool[Array, "B S"],
+    ) -> tuple[Float[Array, "B T V"], KVCache]:
+        c = self.config
+        ly.check_inputs(tokens, positions, cache, kv_mask, c.n_layers, c.n_heads, c.head_dim)
+        b, t = tokens.shape
+        top = {k: v[...] for k, v in self.top.items()}
+        x = top["embed"][tokens] + top["pos_embed"][jnp.clip(positions, 0, c.max_len - 1)]
+        mask = ly.attention_mask(t, cache_index, kv_mask)
+        scale = c.head_dim**-0.5
+        lp = {k: v[...] for k, v in self.layers.items()}
+
+        def layer(x, xs):
+            p, kc, vc = xs
+            h = ly.layer_norm(x, p["ln1_w"], p["ln1_b"], c.ln_eps)
+            q, k, v = jnp.split(h @ p["w_qkv"] + p["b_qkv"], 3, axis=-1)
+            shp = (b, t, c.n_heads, c.head_dim)
+            a, kc, vc = ly.cached_attention(q.reshape(shp), k.reshape(shp), v.reshape(shp), kc, vc,
+                                            cache_index, mask, scale)
+            x = x + a.reshape(b, t, -1) @ p["w_o"] + p["b_o"]
+            h = ly.layer_norm(x, p["ln2_w"], p["ln2_b"], c.ln_eps)
+            x = x + ly.gelu_tanh(h @ p["w_fc"] + p["b_fc"]) @ p["w_proj"] + p["b_proj"]
+            return x, (kc, vc)
+
+        x, (k_all, v_all) = jax.lax.scan(layer, x, (lp, cache.k, cache.v))
+        x = ly.layer_norm(x, top["ln_f_w"], top["ln_f_b"], c.ln_eps)
+        logits = jnp.einsum("btd,vd->btv", x, top["embed"], preferred_element_type=jnp.float32)
+        return logits, KVCache(k_all, v_all)

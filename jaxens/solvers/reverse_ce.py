@@ -1,0 +1,314 @@
+r"""Reverse cross-entropy projection (``cross_entropy`` objective) by Newton on its dual.
+
+Per row, with the members' mixture :math:`s = \sum_i w_i \hat p_i` (:math:`\sum_i w_i = 1`),
+hard constraints :math:`Q^\top p = \beta` (``problem.beta(m)``, which includes
+:math:`\mathbf 1^\top p = 1`) and soft members :math:`S`:
+
+.. math::
+
+   \min_{p \ge 0,\ p_j = 0 \text{ off mask}}\ -\sum_j s_j \log p_j
+     + \sum_{i\in S} \tfrac{\rho_i}{2}\lVert A_i^\top p - m_i\rVert^2
+   \quad\text{s.t.}\quad Q^\top p = \beta,
+
+i.e. :math:`\min_p \sum_i w_i H(\hat p_i, p)`.  Without constraints the answer is probability
+averaging :math:`p = s`.
+
+**Dual.**  Write the soft term by conjugacy, :math:`\tfrac\rho2\lVert w\rVert^2 = \max_u u^\top w
+- \lVert u\rVert^2/(2\rho)`, and take :math:`G = [Q,\ A_S]`, :math:`x = (y, u)`,
+:math:`b = (\beta, m_S)`, :math:`R^{-1} = \mathrm{blockdiag}(0, I/\rho_i)`.  The Lagrangian
+:math:`-\sum_j s_j\log p_j + p^\top G x - b^\top x - \tfrac12 x^\top R^{-1}x` is minimised by
+:math:`p_j = s_j / (Gx)_j` (which needs :math:`(Gx)_j > 0`), and the dual is
+
+.. math::
+
+   \min_{x:\ Gx > 0}\ f(x) = -\sum_j s_j \log (Gx)_j + b^\top x + \tfrac12 x^\top R^{-1} x
+   \quad (+\ \text{const}),
+
+   \nabla f = b - G^\top p + R^{-1}x, \qquad
+   \nabla^2 f = G^\top \mathrm{diag}(s_j/(Gx)_j^2)\, G + R^{-1}
+             = G^\top \mathrm{diag}(p_j^2/s_j)\, G + R^{-1},
+
+with :math:`u^\star = \rho\,(A_S^\top p - m_S)` at the optimum (the soft penalty's gradient).
+The start :math:`x_0 = (Q^\top\mathbf 1, 0)` gives :math:`Gx_0 = \mathbf 1` and :math:`p_0 = s`.
+
+**Algorithm.**  Newton steps :math:`(\nabla^2 f + \lambda I)\Delta = -\nabla f` (small
+Levenberg term), a line search that first caps the step at 0.99 of the distance to the
+boundary :math:`Gx = 0` and then backtracks (Armijo) on
+:math:`f(x+t\Delta) - f(x) = -\sum_j s_j[\log(1+tq_j) - tq_j] + t\nabla f^\top\Delta
++ \tfrac{t^2}{2}\Delta^\top R^{-1}\Delta`, :math:`q = G\Delta / Gx`, evaluated without
+cancellation.  Stops when :math:`\lVert\nabla f\rVert_\infty \le` ``tol`` (``gap`` reports
+it).  Mass :math:`s_j` below ``s_floor`` on allowed tokens is raised to ``s_floor`` (a
+barrier that keeps :math:`(Gx)_j > 0` on every allowed token; tokens of zero mixture mass can
+still receive mass when the constraints demand it).  The returned ``p`` is renormalised to sum
+to one (a no-op at convergence).
+
+Gradients with respect to ``s``, ``m``, ``rho`` and the problem's arrays use the implicit
+function theorem on :math:`\nabla f(x^\star) = 0` (:mod:`jaxens.solvers.implicit`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Bool, Float, Int
+
+from jaxens.problem import BottleneckProblem
+from jaxens.solvers.implicit import implicit_root
+from jaxens.solvers.newton import NewtonInfo, _num_dual, _soft_cols_rho
+from jaxens.solvers.solution import Solution, Status
+
+__all__ = ["ReverseCENewton"]
+
+
+class _Dual(NamedTuple):
+    G: Float[Array, "v k"]
+    s: Float[Array, " v"]  # floored on the mask, 0 off it
+    mask: Bool[Array, " v"]
+    b: Float[Array, " k"]
+    rinv: Float[Array, " k"]
+
+
+class _State(NamedTuple):
+    x: Float[Array, " k"]
+    g: Float[Array, " k"]
+    gnorm: Float[Array, ""]
+    iteration: Int[Array, ""]
+    status: Int[Array, ""]
+    done: Bool[Array, ""]
+
+
+def _log1pmx(x):
+    """``log1p(x) - x`` without cancellation (series for small ``|x|``)."""
+    small = jnp.abs(x) < 0.1
+    xs = jnp.where(small, x, 0.0)
+    series = -xs * xs * (
+        0.5 - xs * (1 / 3 - xs * (1 / 4 - xs * (1 / 5 - xs * (1 / 6 - xs * (1 / 7 - xs * (1 / 8 - xs / 9))))))
+    )
+    xl = jnp.where(small, 0.0, x)
+    return jnp.where(small, series, jnp.log1p(xl) - xl)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReverseCENewton:
+    """Newton on the reverse-cross-entropy dual (see the module docstring for the math).
+
+    Attributes:
+      tol: stop when ``||grad f||_inf <= tol``; ``None``: 1e-5 (float32) / 1e-10 (float64).
+      max_iters: Newton steps.
+      ls_max_steps, ls_shrink, armijo: backtracking settings.
+      levenberg: ``lambda_0`` of the Levenberg term ``lambda_0 ||grad||_inf``.
+      boundary_fraction: fraction of the distance to ``Gx = 0`` a step may go.
+      s_floor: floor of the mixture mass on allowed tokens (``None``: 1e-30).
+    """
+
+    tol: float | None = None
+    max_iters: int = 100
+    ls_max_steps: int = 40
+    ls_shrink: float = 0.5
+    armijo: float = 1e-4
+    levenberg: float = 1e-3
+    boundary_fraction: float = 0.99
+    s_floor: float | None = None
+
+    def __post_init__(self):
+        if self.max_iters < 1:
+            raise ValueError(f"max_iters must be >= 1, got {self.max_iters}")
+        if not 0.0 < self.ls_shrink < 1.0:
+            raise ValueError(f"Expected 0 < ls_shrink < 1, got {self.ls_shrink}")
+        if not 0.0 < self.boundary_fraction < 1.0:
+            raise ValueError(f"Expected 0 < boundary_fraction < 1, got {self.boundary_fraction}")
+
+    def _tol(self, dtype) -> float:
+        if self.tol is not None:
+            return self.tol
+        return 1e-10 if jnp.dtype(dtype) == jnp.float64 else 1e-5
+
+    def cold_start(self, problem: BottleneckProblem, dtype=None) -> Float[Array, " k"]:
+        """``x0 = (Q^T 1, 0)``, for which ``G x0 = 1``."""
+        dtype = dtype or problem.Q.dtype
+        y0 = jnp.sum(problem.Q, axis=0)
+        return jnp.concatenate([y0, jnp.zeros((_num_dual(problem) - problem.rank,), y0.dtype)]).astype(dtype)
+
+    def _build(self, problem, s, mask, m, rho) -> _Dual:
+        dtype = problem.Q.dtype
+        floor = self.s_floor if self.s_floor is not None else 1e-30
+        s = s.astype(dtype)
+        s = jnp.where(mask, jnp.maximum(jnp.where(jnp.isfinite(s), s, 0.0), floor), 0.0)
+        if problem.soft:
+            G = jnp.concatenate([problem.Q, problem.A_of(problem.soft)], axis=1)
+            rho_c = _soft_cols_rho(problem, rho).astype(dtype)
+            rinv = jnp.concatenate([jnp.zeros((problem.rank,), dtype), 1.0 / rho_c])
+            b = jnp.concatenate([problem.beta(m), m[problem.columns(problem.soft)].astype(dtype)])
+        else:
+            G, rinv, b = problem.Q, jnp.zeros((problem.rank,), dtype), problem.beta(m)
+        return _Dual(G, s, mask, b.astype(dtype), rinv)
+
+    @staticmethod
+    def _p(d: _Dual, x):
+        gx = d.G @ x
+        return jnp.where(d.mask, d.s / jnp.where(d.mask, gx, 1.0), 0.0), gx
+
+    @staticmethod
+    def _grad(d: _Dual, x, p):
+        return d.b - d.G.T @ p + d.rinv * x
+
+    def _newton_loop(self, d: _Dual, x0, skip):
+        tol = self._tol(d.G.dtype)
+        dtype = d.G.dtype
+
+        def init():
+            p, _ = self._p(d, x0)
+            g = self._grad(d, x0, p)
+            gnorm = jnp.max(jnp.abs(g))
+            finite = jnp.isfinite(gnorm)
+            status = jnp.where(
+                skip,
+                Status.NONFINITE_INPUT,
+                jnp.where(~finite, Status.NUMERICAL_ERROR, jnp.where(gnorm <= tol, Status.SOLVED, Status.MAX_ITERS)),
+            ).astype(jnp.int32)
+            return _State(x0, g, gnorm, jnp.zeros((), jnp.int32), status, skip | ~finite | (gnorm <= tol))
+
+        def body(st: _State):
+            p, gx = self._p(d, st.x)
+            w = jnp.where(d.mask, p * p / d.s, 0.0)
+            H = (d.G * w[:, None]).T @ d.G + jnp.diag(d.rinv)
+            k = H.shape[0]
+            eps = jnp.finfo(dtype).eps
+            hmax = jnp.maximum(jnp.max(jnp.diag(H)), jnp.finfo(dtype).tiny)
+            lam = self.levenberg * st.gnorm + 100 * eps * hmax
+            L = jnp.linalg.cholesky(H + lam * jnp.eye(k, dtype=dtype))
+            delta = jax.scipy.linalg.cho_solve((L, True), -st.g)
+            delta = jnp.where(jnp.all(jnp.isfinite(delta)), delta, -st.g / (hmax + lam))
+            q = jnp.where(d.mask, (d.G @ delta) / jnp.where(d.mask, gx, 1.0), 0.0)
+            t_dom = jnp.min(jnp.where(q < 0, -1.0 / jnp.where(q < 0, q, -1.0), jnp.inf))
+            t0 = jnp.minimum(1.0, self.boundary_fraction * t_dom).astype(dtype)
+            slope = st.g @ delta
+            quad = delta @ (d.rinv * delta)
+
+            def df(t):
+                return -jnp.sum(d.s * _log1pmx(t * q)) + t * slope + 0.5 * t * t * quad
+
+            def ls_cond(c):
+                t, j, ok = c
+                return ~ok & (j < self.ls_max_steps)
+
+            def ls_body(c):
+                t, j, _ = c
+                t = t * self.ls_shrink
+                return t, j + 1, df(t) <= self.armijo * t * slope
+
+            t, _, ok = lax.while_loop(ls_cond, ls_body, (t0, jnp.zeros((), jnp.int32), df(t0) <= self.armijo * t0 * slope))
+            ok = ok & (slope < 0)
+            x = st.x + t * delta
+            p_new, gx_new = self._p(d, x)
+            g = self._grad(d, x, p_new)
+            gnorm = jnp.max(jnp.abs(g))
+            finite = jnp.isfinite(gnorm) & jnp.all(jnp.where(d.mask, gx_new > 0, True))
+            accept = ok & finite
+            new = _State(x, g, gnorm, st.iteration + 1, st.status, st.done)
+            new = jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, st)
+            converged = accept & (gnorm <= tol)
+            status = jnp.where(
+                converged, Status.SOLVED, jnp.where(~jnp.isfinite(gnorm), Status.NUMERICAL_ERROR, Status.MAX_ITERS)
+            ).astype(jnp.int32)
+            return new._replace(iteration=st.iteration + 1, status=status, done=converged | ~accept)
+
+        st = lax.while_loop(lambda st: ~st.done & (st.iteration < self.max_iters), body, init())
+        return st.x, NewtonInfo(st.status, st.gnorm, st.iteration)
+
+    def solve(
+        self,
+        problem: BottleneckProblem,
+        s: Float[Array, " v"],
+        mask: Bool[Array, " v"],
+        m: Float[Array, " D"],
+        rho: Float[Array, " n"] | None = None,
+        y0: Float[Array, " k"] | None = None,
+    ) -> tuple[Solution, Float[Array, " k"]]:
+        """Minimise ``-s . log p`` (+ soft) over the bottleneck set (one row).
+
+        Returns ``(solution, x)``; pass ``x`` as ``y0`` of the next call to warm-start (a
+        ``y0`` outside the domain ``G y0 > 0`` falls back to the cold start).
+        """
+        v, D = problem.A.shape
+        k = _num_dual(problem)
+        dtype = problem.Q.dtype
+        if s.shape != (v,):
+            raise ValueError(f"s must have shape (v,) = ({v},) per row (vmap over the batch), got {s.shape}")
+        if mask.shape != (v,) or mask.dtype != jnp.bool_:
+            raise ValueError(f"mask must be a bool array of shape ({v},), got {mask.dtype}{mask.shape}")
+        if m.shape != (D,):
+            raise ValueError(f"m must have shape (D,) = ({D},), got {m.shape}")
+        rho = jnp.ones((problem.num_members,), dtype) if rho is None else jnp.asarray(rho, dtype)
+        if rho.shape != (problem.num_members,):
+            raise ValueError(f"rho must have shape (n,) = ({problem.num_members},), got {rho.shape}")
+        cold = self.cold_start(problem, dtype)
+        if y0 is None:
+            y0 = cold
+        if y0.shape != (k,):
+            raise ValueError(f"y0 must have shape (k,) = ({k},), got {y0.shape}; use cold_start(problem)")
+        y0 = jnp.asarray(y0, dtype)
+        return self._solve(problem, s, mask, m, rho, y0)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def _solve(self, problem, s, mask, m, rho, y0):
+        D = problem.A.shape[1]
+        k = _num_dual(problem)
+        dtype = problem.Q.dtype
+        cold = self.cold_start(problem, dtype)
+        bad = jnp.any(mask & ~jnp.isfinite(s)) | ~jnp.all(jnp.isfinite(m)) | ~jnp.any(mask)
+        if problem.soft:
+            bad = bad | ~jnp.all(jnp.isfinite(_soft_cols_rho(problem, rho)))
+        s_c = jnp.where(bad, jnp.ones_like(s), s)
+        m_c = jnp.where(bad, 0.0, m)
+        gx0 = problem.Q @ y0[: problem.rank]
+        if problem.soft:
+            gx0 = gx0 + problem.A_of(problem.soft) @ y0[problem.rank :]
+        in_domain = jnp.all(jnp.where(mask, gx0 > 0, True)) & jnp.all(jnp.isfinite(y0))
+        x0 = jnp.where(in_domain & ~bad, y0, cold)
+
+        def forward(params, aux):
+            return self._newton_loop(self._build(params[0], params[1], aux[0], params[2], params[3]), aux[1], aux[2])
+
+        def residual(x, params, aux):
+            d = self._build(params[0], params[1], aux[0], params[2], params[3])
+            return self._grad(d, x, self._p(d, x)[0])
+
+        def adjoint_solve(x, params, aux, xbar):
+            d = self._build(params[0], params[1], aux[0], params[2], params[3])
+            p, _ = self._p(d, x)
+            w = jnp.where(d.mask, p * p / d.s, 0.0)
+            H = (d.G * w[:, None]).T @ d.G + jnp.diag(d.rinv)
+            hmax = jnp.maximum(jnp.max(jnp.diag(H)), jnp.finfo(dtype).tiny)
+            H = H + 10 * jnp.finfo(dtype).eps * hmax * jnp.eye(k, dtype=dtype)
+            lam = jnp.linalg.solve(H, xbar)
+            return jnp.where(jnp.all(jnp.isfinite(lam)), lam, 0.0)
+
+        x, info = implicit_root(forward, residual, adjoint_solve)((problem, s_c, m_c, rho), (mask, x0, bad))
+        d = self._build(problem, s_c, mask, m_c, rho)
+        p, _ = self._p(d, x)
+        p = jnp.maximum(p, 0.0)
+        total = jnp.sum(p)
+        p = p / jnp.where(total > 0, total, 1.0)
+        uniform = jnp.where(mask, 1.0, 0.0).astype(dtype)
+        uniform = jnp.where(jnp.any(mask), uniform, 1.0)
+        uniform = uniform / jnp.sum(uniform)
+        valid = jnp.all(jnp.isfinite(p)) & (total > 0)
+        status = jnp.where(~valid & ~bad, Status.NUMERICAL_ERROR, info.status).astype(jnp.int32)
+        p = jnp.where(valid & ~bad, p, uniform)
+        sol = Solution(
+            p=p,
+            status=status,
+            primal_residual=problem.hard_residual(p, m_c.astype(dtype)),
+            gap=info.gnorm.astype(dtype),
+            iterations=info.iterations,
+            certificate=jnp.zeros((D,), dtype),
+            certificate_margin=jnp.zeros((), dtype),
+        )
+        x_out = jnp.where(bad | ~jnp.all(jnp.isfinite(x)), cold, lax.stop_gradient(x))
+        return sol, x_out

@@ -1,0 +1,135 @@
+"""`jaxens generate` with toy members (the loader is monkeypatched) and, if cached, a zoo model."""
+
+import numpy as np
+import pytest
+from toy_models import ToyConfig, ToyLM
+
+import jaxens.cli as cli
+from jaxens.combiners.averaging import prob_average
+from jaxens.decode import Decoder
+from jaxens.sampling import Sampler
+
+
+class CharTokenizer:
+    """Characters 'a'..'z', ' ', '.' -> ids 1..28; 0 is EOS."""
+
+    alphabet = "abcdefghijklmnopqrstuvwxyz ."
+    eos_token_id = 0
+    bos_token_id = None
+    pad_token_id = None
+
+    def __init__(self, shift=0):
+        self.shift = shift
+
+    def encode(self, text):
+        return [self.alphabet.index(c) + 1 + self.shift for c in text.lower() if c in self.alphabet]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.alphabet[i - 1] if 1 <= i <= 28 else f"<{i}>" for i in ids if i != 0)
+
+
+MODELS = {"toy0": ToyLM(ToyConfig(), seed=0), "toy1": ToyLM(ToyConfig(), seed=1)}
+
+
+@pytest.fixture(autouse=True)
+def toy_loader(monkeypatch):
+    def load(spec, dtype="float32"):
+        if spec == "shifted":
+            return MODELS["toy1"], CharTokenizer(shift=1)
+        if spec not in MODELS:
+            raise ValueError(f"Unknown zoo model {spec!r}; known models: toy0, toy1")
+        return MODELS[spec], CharTokenizer()
+
+    monkeypatch.setattr(cli, "load_member", load)
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def expected(prompts, n, weights=None, **sampler):
+    tok = CharTokenizer()
+    dec = Decoder(list(MODELS.values()), prob_average(None if weights is None else np.asarray(weights)),
+                  Sampler(**sampler), stop_tokens=(0,), pad_id=0)
+    out = dec.generate([tok.encode(p) for p in prompts], n, seed=0)
+    return [tok.decode(out.tokens[b, : out.lengths[b]].tolist()) for b in range(len(prompts))]
+
+
+def test_generate_streams_single_prompt(capsys):
+    code, out, err = run(["generate", "--member", "toy0", "--member", "toy1", "--combiner", "prob_average",
+                          "--weights", "0.3", "0.7", "--greedy", "--max-new-tokens", "12",
+                          "--prompt", "hello world", "--chunk-steps", "3", "--stats"], capsys)
+    assert code == 0
+    assert out == expected(["hello world"], 12, weights=[0.3, 0.7], greedy=True)[0] + "\n"
+    assert "tok/s" in err and "nonfinite" in err
+
+
+def test_generate_batch_from_file(tmp_path, capsys):
+    f = tmp_path / "prompts.txt"
+    f.write_text("the cat\n\nsat on the mat.\n")
+    code, out, _ = run(["generate", "--member", "toy0", "--member", "toy1", "--combiner", "prob_average",
+                        "--top-k", "5", "--temperature", "0.8", "--max-new-tokens", "8", "--prompt-file", str(f)],
+                       capsys)
+    assert code == 0
+    texts = expected(["the cat", "sat on the mat."], 8, top_k=5, temperature=0.8)
+    assert out == f"### prompt 0\n{texts[0]}\n### prompt 1\n{texts[1]}\n"
+
+
+def test_me_from_cli(capsys):
+    code, out, err = run(["generate", "--member", "toy0", "--member", "toy1", "--combiner", "me",
+                          "--temperature", "0.7", "--max-new-tokens", "6", "--prompt", "abc", "--stats"], capsys)
+    assert code == 0 and "ME" in err and "draws" in err
+    code, out, _ = run(["generate", "--member", "toy0", "--member", "toy1", "--combiner", "me", "--me-per-member",
+                        "--greedy", "--max-new-tokens", "4", "--prompt", "abc"], capsys)
+    assert code == 0
+
+
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--combiner", "nope", "--prompt", "a"], "unknown combiner 'nope'; known combiners: .*logit_average.*me"),
+        (["--weights", "1", "--prompt", "a"], "--weights has 1 values for 2 members"),
+        (["--combiner", "me", "--top-p", "0.9", "--prompt", "a"], "prob_average combiner in the ordinary decode loop"),
+        (["--top-p", "1.5", "--prompt", "a"], r"top_p must be in \(0, 1\], got 1.5"),
+        (["--prompt", "!!!"], "encodes to no tokens"),
+        (["--max-new-tokens", "-1", "--prompt", "a"], "must be >= 0"),
+    ],
+)
+def test_errors(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", "--member", "toy0", "--member", "toy1"] + argv)
+    assert e.value.code == 2
+    import re
+
+    assert re.search(msg, capsys.readouterr().err)
+
+
+def test_tokenizer_mismatch_and_unknown_member(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--member", "toy0", "--member", "shifted", "--prompt", "abc"])
+    assert "tokenizes prompt 0 differently" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--member", "toy9", "--prompt", "abc"])
+    assert "Unknown zoo model 'toy9'" in capsys.readouterr().err
+
+
+def test_list_combiners_and_subcommand_required(capsys):
+    code, out, _ = run(["generate", "--member", "toy0", "--list-combiners"], capsys)
+    assert code == 0 and {"logit_average", "prob_average", "me"} <= set(out.split())
+    with pytest.raises(SystemExit):
+        cli.main([])
+
+
+@pytest.mark.models
+@pytest.mark.slow
+def test_zoo_smollm2_generate(capsys, monkeypatch):
+    monkeypatch.undo()
+    from jaxens.models import zoo
+
+    if not (zoo.cache_root() / "zoo" / "smollm2-135m" / "hf" / "config.json").is_file():
+        pytest.skip("smollm2-135m not in the cache")
+    code, out, _ = run(["generate", "--member", "smollm2-135m", "--greedy", "--max-new-tokens", "8",
+                        "--prompt", "The capital of France is"], capsys)
+    assert code == 0 and len(out.strip()) > 0
