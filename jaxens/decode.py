@@ -116,11 +116,12 @@ def _update_stats(stats: Any, info: Any, active: Bool[Array, " B"]) -> Any:
             act = active.reshape((B,) + (1,) * (x.ndim - 1))
         else:
             act = jnp.any(active)
+        act = jnp.broadcast_to(act, x.shape)
         if x.dtype == jnp.bool_:
             return acc + (x & act).astype(jnp.int32)
         if jnp.issubdtype(x.dtype, jnp.integer):
             hist = jax.nn.one_hot(jnp.clip(x, 0, STATUS_BINS - 1), STATUS_BINS, dtype=jnp.int32)
-            return acc + hist * jnp.asarray(act, jnp.int32)[..., None]
+            return acc + hist * act.astype(jnp.int32)[..., None]
         x = jnp.where(jnp.isnan(x), jnp.inf, x)
         return jnp.maximum(acc, jnp.where(act, x, -jnp.inf).astype(acc.dtype))
 
@@ -424,7 +425,10 @@ class Decoder:
         return state, L
 
     def run_until(self, state: DecodeState, until: int) -> DecodeState:
-        """Advance the compiled loop to step ``until`` (or until every row stopped)."""
+        """Advance the compiled loop to step ``until`` (or until every row stopped).
+
+        ``state`` is donated: use the returned state, not the one passed in.
+        """
         return self._run_jit(self._states, state, jnp.int32(until))
 
     def stream(

@@ -139,3 +139,19 @@ def test_bad_shapes_raise():
         FISTA().solve(prob, jnp.zeros(v + 1), jnp.zeros((v, 0)), jnp.ones(v, bool), jnp.asarray(m), jnp.zeros(3))
     with pytest.raises(ValueError, match="rho must have shape"):
         FISTA().solve(prob, jnp.zeros(v), jnp.zeros((v, 0)), jnp.ones(v, bool), jnp.asarray(m), jnp.zeros(2))
+
+
+def test_inf_cost_off_mask_is_ignored():
+    prob, Ws, ph, m = _instance(4, soft=(), hard="all")
+    v = prob.vocab_size
+    mask = np.ones(v, bool)
+    mask[:5] = False
+    c = np.zeros(v)
+    c[:5] = np.inf  # -log 0 on masked tokens
+    F = np.log(ph[:2]).T.copy()
+    F[:5] = -np.inf
+    sol, p = FISTA(tol=1e-8).solve(
+        prob, jnp.asarray(c), jnp.asarray(F), jnp.asarray(mask), jnp.asarray(m), jnp.zeros(3), hard_weight=2.0
+    )
+    assert int(sol.status) == Status.SOLVED
+    assert np.all(np.asarray(p)[:5] == 0) and np.all(np.isfinite(np.asarray(p)))

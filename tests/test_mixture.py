@@ -152,3 +152,39 @@ def test_validation(members):
     assert MixtureEnsemble(max_pending=6).chunk_sizes == (1, 2, 4, 6)
     assert MixtureEnsemble(max_pending=1).chunk_sizes == (1,)
     assert hash(me([1, 2])) == hash(me(np.array([1.0, 2.0])))
+
+
+def test_gemma3_sliding_window_members_catch_up():
+    gemma3 = pytest.importorskip("jaxens.models.gemma3")
+    from flax import nnx
+
+    cfg = gemma3.Gemma3Config.tiny(max_len=128)  # sliding window 5: catch-up chunks cross it
+    ms = [gemma3.Gemma3(cfg, rngs=nnx.Rngs(0)), gemma3.Gemma3(cfg, rngs=nnx.Rngs(1))]
+
+    @jax.jit
+    def full(tokens):  # cache-free reference: one right-padded sequence, causal, no left padding
+        n = tokens.shape[0]
+        return [m(tokens[None], jnp.arange(n)[None], m.init_cache(1, n), jnp.int32(0), jnp.ones((1, n), bool))[0][0]
+                for m in ms]
+
+    def ref(seq):
+        t = np.zeros((64,), np.int32)
+        t[: len(seq)] = seq
+        return [np.asarray(l)[: len(seq)] for l in full(jnp.asarray(t))]
+
+    prompts = [[5, 9, 2, 7, 1, 60, 3, 8], [3, 90]]
+    dec = Decoder(ms, me([0.7, 0.3], max_pending=4, per_member_truncation=True), Sampler(greedy=True), cache_len=64)
+    out = dec.generate(prompts, 14, seed=1, return_state=True)
+    s = out.state
+    tokens, pad, length = np.asarray(s.tokens), np.asarray(s.pad), int(s.length)
+    for t in range(14):  # every step: one member's argmax explains every row
+        refs = [ref(tokens[b, pad[b] : 16 + t].tolist()) for b in range(2)]
+        assert any(all(int(np.argmax(refs[b][i][-1])) == tokens[b, 16 + t] for b in range(2)) for i in range(2)), t
+    kv_mask = jnp.arange(tokens.shape[1])[None] >= jnp.asarray(pad)[:, None]
+    for j, m in enumerate(ms):
+        c = int(s.cached[j])
+        pos = jnp.asarray(np.arange(c, length)[None] - pad[:, None], jnp.int32)
+        logits, _ = m(jnp.asarray(tokens[:, c:length]), pos, s.caches[j], jnp.int32(c), kv_mask)
+        for b in range(2):
+            r = ref(tokens[b, pad[b] : length].tolist())[j]
+            np.testing.assert_allclose(np.asarray(logits[b]), r[-(length - c) :], atol=2e-4)

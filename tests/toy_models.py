@@ -97,7 +97,7 @@ class ToyLM(nnx.Module):
             vs.append(vc)
             x = x + self._attend(q, kc, vc, mask) @ self.wo[l]
             x = x + jax.nn.relu(_rms(x) @ self.w1[l]) @ self.w2[l]
-        logits = _rms(x) @ self.head[...].T + self.bias[...]
+        logits = _rms(x) @ self.head[...].T + self.bias[...][None, None, :]
         return logits.astype(jnp.float32), KVCache(jnp.stack(ks), jnp.stack(vs))
 
 
@@ -136,11 +136,11 @@ def _reference(model: ToyLM, tokens):
         k = jnp.repeat(k, g, axis=2)
         v = jnp.repeat(v, g, axis=2)
         s = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(c.head_dim)
-        s = jnp.where(causal, s, -jnp.inf)
+        s = jnp.where(causal[None, None], s, -jnp.inf)
         o = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, -1), v).reshape(1, T, -1)
         x = x + o @ model.wo[l]
         x = x + jax.nn.relu(_rms(x) @ model.w1[l]) @ model.w2[l]
-    return (_rms(x) @ model.head[...].T + model.bias[...])[0]
+    return (_rms(x) @ model.head[...].T + model.bias[...][None, None, :])[0]
 
 
 def reference_kv(model: ToyLM, tokens) -> tuple[np.ndarray, np.ndarray]:

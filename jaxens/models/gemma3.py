@@ -154,7 +154,8 @@ class Gemma3Config:
                                 "sliding_attention": {"rope_type": "default", "rope_theta": self.rope_local_base}},
             "rope_theta": self.rope_global_base,
             "rope_local_base_freq": self.rope_local_base,
-            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            "query_pre_attn_scalar": (int(self.query_pre_attn_scalar)
+                                      if float(self.query_pre_attn_scalar).is_integer() else self.query_pre_attn_scalar),
             "final_logit_softcapping": self.final_logit_softcap,
             "attn_logit_softcapping": self.attn_logit_softcap,
             "rms_norm_eps": self.rms_eps,

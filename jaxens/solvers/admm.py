@@ -306,7 +306,7 @@ def _admm_solve(solver: ADMM, problem: BottleneckProblem, c, F, mask, m, rho, x0
     v = problem.vocab_size
     finite_in = (
         jnp.all(jnp.isfinite(jnp.where(mask, c, 0.0)))
-        & jnp.all(jnp.isfinite(F))
+        & jnp.all(jnp.isfinite(jnp.where(mask[:, None], F, 0.0)))
         & jnp.all(jnp.isfinite(m))
         & jnp.all(jnp.isfinite(rho_s))
     )

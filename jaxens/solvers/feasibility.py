@@ -32,7 +32,8 @@ Verdict (per row):
 ``1e-7`` in float64 by default (the rounding of ``A_H^T p`` over ``v`` terms is ~``1e-6`` relative
 in float32).  With ``decide=True`` the loop stops as soon as the verdict is known (used by
 basis-aware truncation); otherwise it runs to the least-squares tolerance (the
-``least_squares`` objective).
+``least_squares`` objective) or until ``||r||_2 <= feas_tol`` (feasible to tolerance, where the
+least-squares value is within ``feas_tol**2`` of its minimum 0).
 """
 
 from __future__ import annotations
@@ -66,6 +67,12 @@ def _decided(state: FISTAState, arg) -> Array:
     # margin of d = r/||r|| from the FW gap of ||A_H^T p - m_H||^2 (exact identity, see module doc)
     margin = rn - state.gap / (2.0 * jnp.maximum(rn, jnp.finfo(rn.dtype).tiny))
     return (rn <= feas_tol) | (margin > feas_tol)
+
+
+def _feasible_to_tol(state: FISTAState, arg) -> Array:
+    """Stop rule without ``decide``: ``||r|| <= feas_tol`` (then ``f - f* <= feas_tol**2``)."""
+    feas_tol, hard_cols = arg
+    return _hard_res_norm(state, hard_cols) <= feas_tol
 
 
 def least_squares(
@@ -124,8 +131,8 @@ def _least_squares(problem, m, mask, solver, ub, feas_rtol, decide, p0):
         hard_weight=2.0,
         p0=p0,
         ub=ub,
-        stop_fn=_decided if decide else None,
-        stop_arg=(feas_tol, hard_cols) if decide else None,
+        stop_fn=_decided if decide else _feasible_to_tol,
+        stop_arg=(feas_tol, hard_cols),
     )
     p = sol.p
     r = m_h - p @ problem.A_hard  # m_H - A_H^T p

@@ -236,7 +236,10 @@ class FISTA:
         """Solve one row; returns ``(Solution, p)`` (``p`` is the final iterate, for warm starts).
 
         ``ub`` optionally caps ``p <= ub`` (used by basis-aware truncation).  ``mask`` must
-        allow at least one token.  ``vmap`` over all array arguments for a batch.
+        allow at least one token.  ``vmap`` over all array arguments for a batch.  Entries of
+        ``c`` / ``F`` off the mask are ignored (may be ``inf``); a non-finite entry on the mask
+        (e.g. ``-log 0``: mask such tokens out) or in ``m`` gives status ``NONFINITE_INPUT``
+        and the uniform distribution over the mask.
         """
         sol, state = _fista_solve(self, problem, c, F, mask, m, rho, hard_weight, p0, ub, None, None)
         return sol, state.x
@@ -283,7 +286,7 @@ def _fista_solve(
 
     finite_in = (
         jnp.all(jnp.isfinite(jnp.where(mask, c, 0.0)))
-        & jnp.all(jnp.isfinite(F))
+        & jnp.all(jnp.isfinite(jnp.where(mask[:, None], F, 0.0)))
         & jnp.all(jnp.isfinite(m))
         & jnp.all(jnp.isfinite(rho))
         & jnp.isfinite(h)

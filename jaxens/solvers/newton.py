@@ -154,8 +154,19 @@ def _logp(d: _Dual, z) -> Float[Array, " v"]:
     return jax.nn.log_softmax(logits)
 
 
+def _gram(G, w) -> Float[Array, "k k"]:
+    """``G^T diag(w) G`` (``dot_general`` contracting the token axis: the fast CPU layout)."""
+    return lax.dot_general(G * w[:, None], G, (((0,), (0,)), ((), ())))
+
+
+def _chol_solve(L, b) -> Float[Array, " k"]:
+    """Solve ``L L^T x = b`` (a matrix right-hand side: vector triangular solves are slow on CPU)."""
+    y = jax.scipy.linalg.solve_triangular(L, b[:, None], lower=True)
+    return jax.scipy.linalg.solve_triangular(L.T, y, lower=False)[:, 0]
+
+
 def _grad(d: _Dual, z, p) -> Float[Array, " k"]:
-    return d.G.T @ p - d.b + d.rinv * z
+    return p @ d.G - d.b + d.rinv * z
 
 
 def _phi(d: _Dual, z) -> Float[Array, ""]:
@@ -168,8 +179,8 @@ def _hessian(d: _Dual, p, topk: int | None) -> Float[Array, "k k"]:
     if topk is not None and topk < G.shape[0]:
         _, idx = lax.top_k(p, topk)
         G, p = G[idx], p[idx]
-    Gp = G.T @ p
-    H = (G * p[:, None]).T @ G - jnp.outer(Gp, Gp)
+    Gp = p @ G
+    H = _gram(G, p) - jnp.outer(Gp, Gp)
     return H + jnp.diag(d.rinv)
 
 
@@ -289,7 +300,7 @@ class EntropicNewton:
         hmax = jnp.maximum(jnp.max(jnp.diag(H)), jnp.finfo(H.dtype).tiny)
         lam = self.levenberg * gnorm + 100 * eps * hmax
         L = jnp.linalg.cholesky(H + lam * jnp.eye(k, dtype=H.dtype))
-        delta = jax.scipy.linalg.cho_solve((L, True), -g)
+        delta = _chol_solve(L, -g)
         fallback = -g / (hmax + lam)
         return jnp.where(jnp.all(jnp.isfinite(delta)), delta, fallback)
 
@@ -407,12 +418,12 @@ class EntropicNewton:
             H = _hessian(d, p, None)
             # H is singular along u = (Q^T 1, 0) (a shift of the logits); zbar is orthogonal to
             # it when it comes from p, and H + s u u^T / |u|^2 maps u-perp to itself.
-            u = jnp.concatenate([d.G[:, : problem.rank].T @ jnp.ones_like(p), jnp.zeros_like(d.rinv[problem.rank :])])
+            u = jnp.concatenate([jnp.ones_like(p) @ d.G[:, : problem.rank], jnp.zeros_like(d.rinv[problem.rank :])])
             u = u / jnp.linalg.norm(u)
             hmax = jnp.maximum(jnp.max(jnp.diag(H)), jnp.finfo(H.dtype).tiny)
             eps = jnp.finfo(H.dtype).eps
             Hr = H + hmax * jnp.outer(u, u) + 10 * eps * hmax * jnp.eye(H.shape[0], dtype=H.dtype)
-            lam = jnp.linalg.solve(Hr, zbar)
+            lam = jnp.linalg.solve(Hr, zbar[:, None])[:, 0]
             return jnp.where(jnp.all(jnp.isfinite(lam)), lam, 0.0)
 
         root = implicit_root(forward, residual, adjoint_solve)

@@ -59,7 +59,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jaxens.problem import BottleneckProblem
 from jaxens.solvers.implicit import implicit_root
-from jaxens.solvers.newton import NewtonInfo, _num_dual, _soft_cols_rho
+from jaxens.solvers.newton import NewtonInfo, _chol_solve, _gram, _num_dual, _soft_cols_rho
 from jaxens.solvers.solution import Solution, Status
 
 __all__ = ["ReverseCENewton"]
@@ -155,7 +155,7 @@ class ReverseCENewton:
 
     @staticmethod
     def _grad(d: _Dual, x, p):
-        return d.b - d.G.T @ p + d.rinv * x
+        return d.b - p @ d.G + d.rinv * x
 
     def _newton_loop(self, d: _Dual, x0, skip):
         tol = self._tol(d.G.dtype)
@@ -176,13 +176,13 @@ class ReverseCENewton:
         def body(st: _State):
             p, gx = self._p(d, st.x)
             w = jnp.where(d.mask, p * p / d.s, 0.0)
-            H = (d.G * w[:, None]).T @ d.G + jnp.diag(d.rinv)
+            H = _gram(d.G, w) + jnp.diag(d.rinv)
             k = H.shape[0]
             eps = jnp.finfo(dtype).eps
             hmax = jnp.maximum(jnp.max(jnp.diag(H)), jnp.finfo(dtype).tiny)
             lam = self.levenberg * st.gnorm + 100 * eps * hmax
             L = jnp.linalg.cholesky(H + lam * jnp.eye(k, dtype=dtype))
-            delta = jax.scipy.linalg.cho_solve((L, True), -st.g)
+            delta = _chol_solve(L, -st.g)
             delta = jnp.where(jnp.all(jnp.isfinite(delta)), delta, -st.g / (hmax + lam))
             q = jnp.where(d.mask, (d.G @ delta) / jnp.where(d.mask, gx, 1.0), 0.0)
             t_dom = jnp.min(jnp.where(q < 0, -1.0 / jnp.where(q < 0, q, -1.0), jnp.inf))
@@ -283,10 +283,10 @@ class ReverseCENewton:
             d = self._build(params[0], params[1], aux[0], params[2], params[3])
             p, _ = self._p(d, x)
             w = jnp.where(d.mask, p * p / d.s, 0.0)
-            H = (d.G * w[:, None]).T @ d.G + jnp.diag(d.rinv)
+            H = _gram(d.G, w) + jnp.diag(d.rinv)
             hmax = jnp.maximum(jnp.max(jnp.diag(H)), jnp.finfo(dtype).tiny)
             H = H + 10 * jnp.finfo(dtype).eps * hmax * jnp.eye(k, dtype=dtype)
-            lam = jnp.linalg.solve(H, xbar)
+            lam = jnp.linalg.solve(H, xbar[:, None])[:, 0]
             return jnp.where(jnp.all(jnp.isfinite(lam)), lam, 0.0)
 
         x, info = implicit_root(forward, residual, adjoint_solve)((problem, s_c, m_c, rho), (mask, x0, bad))

@@ -1,0 +1,77 @@
+"""Whole-sequence helpers on top of the member contract: a full forward pass and chunked scoring.
+
+``sequence_nll`` computes ``Σ_{t ≥ 1} −log p(x_t | x_{<t})`` by feeding the sequence through the KV
+cache in fixed-size chunks (one compile for every chunk; the last one is right-padded with slots
+marked empty), so the ``[T, V]`` logits never exist at once.  Perplexity is ``exp(nll / (T − 1))``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+
+@nnx.jit
+def _forward(model, tokens, positions, kv_mask):
+    b, t = tokens.shape
+    cache = model.init_cache(b, t)
+    logits, _ = model(tokens, positions, cache, jnp.zeros((), jnp.int32), kv_mask)
+    return logits
+
+
+def full_logits(model, tokens: Int[Array, "B T"], pad_mask=None) -> Float[Array, "B T V"]:
+    """Logits of a full (uncached) forward pass; ``pad_mask[b, t]`` False marks left padding."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if pad_mask is None:
+        pad_mask = jnp.ones(tokens.shape, bool)
+    pad_mask = jnp.asarray(pad_mask, bool)
+    positions = jnp.maximum(jnp.cumsum(pad_mask, axis=1) - 1, 0).astype(jnp.int32)
+    return _forward(model, tokens, positions, pad_mask)
+
+
+@functools.partial(nnx.jit, static_argnames=("chunk",))
+def _chunk_nll(model, cache, tokens, targets, valid, start, chunk):
+    """Feed ``tokens`` (one chunk) at slot ``start``; NLL of ``targets`` where ``valid``."""
+    kv_mask = (jnp.arange(cache.k.shape[2]) < start + chunk)[None, :]  # pads sit after every real token
+    positions = (start + jnp.arange(chunk))[None, :].astype(jnp.int32)
+    logits, cache = model(tokens[None], positions, cache, start, kv_mask)
+    lp = jax.nn.log_softmax(logits[0], axis=-1)
+    nll = -jnp.take_along_axis(lp, targets[:, None], axis=-1)[:, 0]
+    return jnp.where(valid, nll, 0.0), cache
+
+
+def token_nll(model, tokens, chunk: int = 256) -> np.ndarray:
+    """``−log p(x_t | x_<t)`` for ``t = 1 … T−1`` (float64 numpy), the sequence fed in chunks."""
+    ids = np.asarray(tokens, dtype=np.int32).ravel()
+    n = ids.size
+    if n < 2:
+        raise ValueError(f"Expected at least 2 tokens to score, got {n}")
+    n_chunks = -(-n // chunk)
+    padded = np.zeros(n_chunks * chunk + 1, np.int32)
+    padded[:n] = ids
+    cache = model.init_cache(1, n_chunks * chunk)
+    out = []
+    for c in range(n_chunks):
+        lo = c * chunk
+        inp = jnp.asarray(padded[lo:lo + chunk])
+        tgt = jnp.asarray(padded[lo + 1:lo + chunk + 1])
+        valid = jnp.asarray(np.arange(lo + 1, lo + chunk + 1) < n)
+        s, cache = _chunk_nll(model, cache, inp, tgt, valid, jnp.int32(lo), chunk)
+        out.append(np.asarray(s, np.float64))
+    return np.concatenate(out)[: n - 1]
+
+
+def sequence_nll(model, tokens, chunk: int = 256) -> tuple[float, int]:
+    """``(Σ −log p(x_t | x_<t), number of predicted tokens)`` for one token sequence."""
+    nll = token_nll(model, tokens, chunk)
+    return float(nll.sum()), int(nll.size)
+
+
+def perplexity(model, tokens, chunk: int = 256) -> float:
+    nll, count = sequence_nll(model, tokens, chunk)
+    return float(np.exp(nll / count))

