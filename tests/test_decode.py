@@ -213,3 +213,24 @@ def test_llama_member_greedy_matches_full_forward():
             lp, _ = combine_logit_average(logits_at_end(seq))
             seq.append(int(np.argmax(np.asarray(lp)[0])))
         assert out.tokens[b].tolist() == seq[len(p) :]
+
+
+@pytest.mark.models
+@pytest.mark.slow
+def test_smollm2_greedy_batched_matches_full_forward(smollm2, smollm2_tokenizer):
+    """Real member: the left-padded batched loop equals the argmax of full forwards (right-padded)."""
+    from jaxens.models.forward import full_logits
+
+    tok = smollm2_tokenizer
+    prompts = [tok.encode("The capital of France is"), tok.encode("Once upon a time, in a small village,")]
+    n = 8
+    dec = Decoder([smollm2], logit_average(), Sampler(greedy=True), cache_len=64)
+    out = dec.generate(prompts, n)
+    for b, p in enumerate(prompts):
+        seq = list(p)
+        for _ in range(n):
+            t = np.zeros((1, 32), np.int32)
+            t[0, : len(seq)] = seq
+            logits = np.asarray(full_logits(smollm2, jnp.asarray(t)))[0, len(seq) - 1]
+            seq.append(int(np.argmax(logits)))
+        assert out.tokens[b].tolist() == seq[len(p) :], tok.decode(out.tokens[b])

@@ -110,7 +110,9 @@ def solve_row(
         raise ValueError(objective)
 
     if problem.hard and check_feasibility and objective != "least_squares":
-        ls = least_squares(problem, m, d.mask)
+        # The feasibility verdict is piecewise constant; the least-squares fallback is returned
+        # without a gradient (use the least_squares objective itself to differentiate it).
+        ls = least_squares(problem, jax.lax.stop_gradient(m), d.mask)
         sol = _select(ls.status == Status.INFEASIBLE, ls, sol)
 
     fallback = sol._replace(
@@ -173,6 +175,8 @@ def bottleneck(
         return solve_row(problem, objective, solver, x, w, r, warm, check_feasibility)
 
     def _warm_shape(batch: int, dtype):
+        if _cold_warm(problem, objective, solver, dtype) is None or not warm_start:
+            return ()
         x = jax.ShapeDtypeStruct((n, problem.vocab_size), dtype)
         w = jax.ShapeDtypeStruct((n,), dtype)
         cold = _cold_warm(problem, objective, solver, dtype)
@@ -197,14 +201,16 @@ def bottleneck(
         if state is None:
             state = init(B)
         cold = _cold_warm(problem, objective, solver, dtype)
-        warm = jax.tree.map(
-            lambda prev, c: jnp.where(
-                (state.valid & warm_start).reshape((B,) + (1,) * (prev.ndim - 1)), prev, c
-            ),
-            state.warm,
-            cold,
-        )
-        sol, new_warm = jax.vmap(row, in_axes=(0, None, None, 0))(x, w, r, warm)
+        if cold is None or not warm_start:
+            sol, _ = jax.vmap(row, in_axes=(0, None, None, None))(x, w, r, cold)
+            new_warm = ()
+        else:
+            warm = jax.tree.map(
+                lambda prev, c: jnp.where(state.valid.reshape((B,) + (1,) * (prev.ndim - 1)), prev, c),
+                state.warm,
+                cold,
+            )
+            sol, new_warm = jax.vmap(row, in_axes=(0, None, None, 0))(x, w, r, warm)
         p = sol.p
         if not (isinstance(lam, (int, float)) and lam == 0.0):
             d = jax.vmap(lambda xx: obj.row_data("kl", xx, w))(x)

@@ -48,7 +48,10 @@ from jaxens.problem import BottleneckProblem
 from jaxens.solvers.fista import FISTA, FISTAState, max_linear
 from jaxens.solvers.solution import Solution, Status
 
-DEFAULT_LS_SOLVER = FISTA(tol=1e-7, max_iters=5000)
+def default_ls_solver(dtype) -> FISTA:
+    """FISTA for the least-squares phase: relative FW-gap tolerance ``1e-7`` (float64) or
+    ``1e-5`` (float32, about the rounding level of the gap), at most 5000 iterations."""
+    return FISTA(tol=1e-7 if jnp.dtype(dtype) == jnp.float64 else 1e-5, max_iters=5000)
 
 
 def default_feas_rtol(dtype) -> float:
@@ -79,7 +82,7 @@ def least_squares(
     problem: BottleneckProblem,
     m: Float[Array, " D"],
     mask: Bool[Array, " v"],
-    solver: FISTA = DEFAULT_LS_SOLVER,
+    solver: FISTA | None = None,
     *,
     ub: Float[Array, " v"] | None = None,
     feas_rtol: float | None = None,
@@ -92,7 +95,8 @@ def least_squares(
       problem: the bottleneck problem (its hard members define ``A_H``).
       m: all members' moments of this row, ``(D,)``.
       mask: allowed tokens, ``(v,)``.
-      solver: the FISTA instance used for the least-squares problem.
+      solver: the FISTA instance used for the least-squares problem (default:
+        :func:`default_ls_solver` of the problem's dtype).
       ub: optional caps ``p <= ub`` (basis-aware truncation).
       feas_rtol: relative feasibility tolerance (default per dtype, see module doc).
       decide: stop as soon as the feasibility verdict is known.
@@ -116,6 +120,8 @@ def _least_squares(problem, m, mask, solver, ub, feas_rtol, decide, p0):
         raise ValueError("least_squares needs hard members (make_problem(..., hard=...))")
     if feas_rtol is None:
         feas_rtol = default_feas_rtol(dtype)
+    if solver is None:
+        solver = default_ls_solver(dtype)
     m = jnp.asarray(m, dtype)
     hard_cols = jnp.asarray(problem.columns(problem.hard))
     m_h = m[hard_cols]

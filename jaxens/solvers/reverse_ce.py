@@ -75,7 +75,7 @@ class _Dual(NamedTuple):
 
 class _State(NamedTuple):
     x: Float[Array, " k"]
-    g: Float[Array, " k"]
+    p: Float[Array, " v"]
     gnorm: Float[Array, ""]
     iteration: Int[Array, ""]
     status: Int[Array, ""]
@@ -157,41 +157,62 @@ class ReverseCENewton:
     def _grad(d: _Dual, x, p):
         return d.b - p @ d.G + d.rinv * x
 
+    def _residuals(self, d: _Dual, p, x):
+        """Primal-dual residuals ``r_c = s - p * (G x)`` (on the mask) and ``r_d = -grad``."""
+        w = d.G @ x
+        r_c = jnp.where(d.mask, d.s - p * w, 0.0)
+        r_d = p @ d.G - d.b - d.rinv * x
+        return r_c, r_d, w
+
     def _newton_loop(self, d: _Dual, x0, skip):
         tol = self._tol(d.G.dtype)
         dtype = d.G.dtype
+        eps = jnp.finfo(dtype).eps
+
+        def measures(r_c, r_d):
+            return jnp.max(jnp.abs(r_d)), jnp.sum(jnp.abs(r_c))
 
         def init():
-            p, _ = self._p(d, x0)
-            g = self._grad(d, x0, p)
-            gnorm = jnp.max(jnp.abs(g))
-            finite = jnp.isfinite(gnorm)
+            p0, _ = self._p(d, x0)
+            r_c, r_d, _ = self._residuals(d, p0, x0)
+            gnorm, cnorm = measures(r_c, r_d)
+            finite = jnp.isfinite(gnorm) & jnp.isfinite(cnorm)
+            conv = (gnorm <= tol) & (cnorm <= tol)
             status = jnp.where(
                 skip,
                 Status.NONFINITE_INPUT,
-                jnp.where(~finite, Status.NUMERICAL_ERROR, jnp.where(gnorm <= tol, Status.SOLVED, Status.MAX_ITERS)),
+                jnp.where(~finite, Status.NUMERICAL_ERROR, jnp.where(conv, Status.SOLVED, Status.MAX_ITERS)),
             ).astype(jnp.int32)
-            return _State(x0, g, gnorm, jnp.zeros((), jnp.int32), status, skip | ~finite | (gnorm <= tol))
+            return _State(x0, p0, gnorm, jnp.zeros((), jnp.int32), status, skip | ~finite | conv)
 
         def body(st: _State):
-            p, gx = self._p(d, st.x)
-            w = jnp.where(d.mask, p * p / d.s, 0.0)
-            H = _gram(d.G, w) + jnp.diag(d.rinv)
+            x, p = st.x, st.p
+            r_c, r_d, w = self._residuals(d, p, x)
+            w_safe = jnp.where(d.mask, w, 1.0)
+            # [G^T diag(p/w) G + R^-1] dx = G^T (r_c / w) + r_d ;  dp = (r_c - p * G dx) / w
+            H = _gram(d.G, jnp.where(d.mask, p / w_safe, 0.0)) + jnp.diag(d.rinv)
             k = H.shape[0]
-            eps = jnp.finfo(dtype).eps
             hmax = jnp.maximum(jnp.max(jnp.diag(H)), jnp.finfo(dtype).tiny)
-            lam = self.levenberg * st.gnorm + 100 * eps * hmax
+            lam = self.levenberg * st.gnorm * 0 + 100 * eps * hmax
             L = jnp.linalg.cholesky(H + lam * jnp.eye(k, dtype=dtype))
-            delta = _chol_solve(L, -st.g)
-            delta = jnp.where(jnp.all(jnp.isfinite(delta)), delta, -st.g / (hmax + lam))
-            q = jnp.where(d.mask, (d.G @ delta) / jnp.where(d.mask, gx, 1.0), 0.0)
-            t_dom = jnp.min(jnp.where(q < 0, -1.0 / jnp.where(q < 0, q, -1.0), jnp.inf))
-            t0 = jnp.minimum(1.0, self.boundary_fraction * t_dom).astype(dtype)
-            slope = st.g @ delta
-            quad = delta @ (d.rinv * delta)
+            rhs = (r_c / w_safe) @ d.G + r_d
+            dx = _chol_solve(L, rhs)
+            dw = d.G @ dx
+            dp = jnp.where(d.mask, (r_c - p * dw) / w_safe, 0.0)
+            ok_dir = jnp.all(jnp.isfinite(dx)) & jnp.all(jnp.isfinite(dp))
 
-            def df(t):
-                return -jnp.sum(d.s * _log1pmx(t * q)) + t * slope + 0.5 * t * t * quad
+            # fraction to the boundary of p > 0 and w = G x > 0 on the mask
+            def t_to_boundary(val, dval):
+                neg = d.mask & (dval < 0)
+                return jnp.min(jnp.where(neg, -val / jnp.where(neg, dval, -1.0), jnp.inf))
+
+            t_max = jnp.minimum(t_to_boundary(p, dp), t_to_boundary(w, dw))
+            t0 = jnp.minimum(1.0, self.boundary_fraction * t_max).astype(dtype)
+            merit0 = jnp.sum(r_c * r_c) + jnp.sum(r_d * r_d)
+
+            def merit(t):
+                rc, rd, _ = self._residuals(d, p + t * dp, x + t * dx)
+                return jnp.sum(rc * rc) + jnp.sum(rd * rd)
 
             def ls_cond(c):
                 t, j, ok = c
@@ -200,21 +221,23 @@ class ReverseCENewton:
             def ls_body(c):
                 t, j, _ = c
                 t = t * self.ls_shrink
-                return t, j + 1, df(t) <= self.armijo * t * slope
+                return t, j + 1, merit(t) <= (1 - 2 * self.armijo * t) * merit0
 
-            t, _, ok = lax.while_loop(ls_cond, ls_body, (t0, jnp.zeros((), jnp.int32), df(t0) <= self.armijo * t0 * slope))
-            ok = ok & (slope < 0)
-            x = st.x + t * delta
-            p_new, gx_new = self._p(d, x)
-            g = self._grad(d, x, p_new)
-            gnorm = jnp.max(jnp.abs(g))
-            finite = jnp.isfinite(gnorm) & jnp.all(jnp.where(d.mask, gx_new > 0, True))
-            accept = ok & finite
-            new = _State(x, g, gnorm, st.iteration + 1, st.status, st.done)
+            t, _, ok = lax.while_loop(
+                ls_cond, ls_body, (t0, jnp.zeros((), jnp.int32), merit(t0) <= (1 - 2 * self.armijo * t0) * merit0)
+            )
+            x_new = x + t * dx
+            p_new = p + t * dp
+            r_c, r_d, w_new = self._residuals(d, p_new, x_new)
+            gnorm, cnorm = measures(r_c, r_d)
+            finite = jnp.isfinite(gnorm) & jnp.isfinite(cnorm)
+            interior = jnp.all(jnp.where(d.mask, (w_new > 0) & (p_new > 0), True))
+            accept = ok & ok_dir & finite & interior
+            new = _State(x_new, p_new, gnorm, st.iteration + 1, st.status, st.done)
             new = jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, st)
-            converged = accept & (gnorm <= tol)
+            converged = accept & (gnorm <= tol) & (cnorm <= tol)
             status = jnp.where(
-                converged, Status.SOLVED, jnp.where(~jnp.isfinite(gnorm), Status.NUMERICAL_ERROR, Status.MAX_ITERS)
+                converged, Status.SOLVED, jnp.where(~finite, Status.NUMERICAL_ERROR, Status.MAX_ITERS)
             ).astype(jnp.int32)
             return new._replace(iteration=st.iteration + 1, status=status, done=converged | ~accept)
 
