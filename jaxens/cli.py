@@ -15,6 +15,7 @@ streamed to stdout as it is generated; with several, each completion is printed 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -65,6 +66,13 @@ class _TextStream:
             self.out.write(text[len(self.printed) :])
             self.out.flush()
             self.printed = text
+
+    def finish(self):
+        """Print what is left (also when a decode rewrote already printed text)."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        common = len(os.path.commonprefix([text, self.printed]))
+        self.out.write(text[common:])
+        self.printed = text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,6 +172,7 @@ def cmd_generate(args, out=None, err=None) -> int:
         stream = _TextStream(tok, out)
         result = decoder.generate(ids, args.max_new_tokens, seed=args.seed,
                                   callback=lambda chunk: stream.add(chunk[0]), chunk_steps=args.chunk_steps)
+        stream.finish()
         out.write("\n")
     else:
         result = decoder.generate(ids, args.max_new_tokens, seed=args.seed)

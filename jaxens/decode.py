@@ -34,7 +34,6 @@ has stopped.  The PRNG key is split every step.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 

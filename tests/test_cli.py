@@ -133,3 +133,25 @@ def test_zoo_smollm2_generate(capsys, monkeypatch):
     code, out, _ = run(["generate", "--member", "smollm2-135m", "--greedy", "--max-new-tokens", "8",
                         "--prompt", "The capital of France is"], capsys)
     assert code == 0 and len(out.strip()) > 0
+
+
+def test_text_stream_holds_back_partial_utf8_and_flushes():
+    import io
+
+    class ByteTok:
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    buf = io.StringIO()
+    s = cli._TextStream(ByteTok(), buf)
+    s.add(list("ab".encode()))
+    e = "é".encode()
+    s.add([e[0]])  # incomplete character: nothing printed
+    assert buf.getvalue() == "ab"
+    s.add([e[1]] + list(b"c"))
+    s.finish()
+    assert buf.getvalue() == "abéc"
+    s2 = cli._TextStream(ByteTok(), io.StringIO())
+    s2.add([e[0]])
+    s2.finish()  # a trailing incomplete sequence is still flushed at the end
+    assert s2.out.getvalue() == "\ufffd"

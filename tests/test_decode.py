@@ -134,9 +134,6 @@ def test_truncation_hook(members):
 def test_combiner_stats_aggregation(members):
     from jaxens.combiners.base import Combiner, EmptyState
 
-    class Info(tuple):
-        pass
-
     def combine(logits, state):
         lp = jax.nn.log_softmax(logits[0], -1)
         B = lp.shape[0]

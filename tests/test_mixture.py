@@ -94,8 +94,6 @@ def test_one_member_drawn_for_the_whole_batch(members):
     out = dec.generate(PROMPTS, 12, seed=3, return_state=True)
     tokens = np.asarray(out.state.tokens)
     pad = np.asarray(out.state.pad)
-    L = tokens.shape[1] - 0
-    used = []
     for t in range(12):
         cands = []
         for m in members:
@@ -105,9 +103,7 @@ def test_one_member_drawn_for_the_whole_batch(members):
                 ok &= int(np.argmax(reference_logits(m, prefix)[-1])) == int(tokens[b, 16 + t])
             cands.append(ok)
         assert any(cands), f"step {t}: no single member explains every row's token"
-        used.append(cands)
     assert out.stats.draws.sum() == 12 and min(out.stats.draws) > 0
-    del L
 
 
 def test_zero_weight_member_is_caught_up_eagerly(members):

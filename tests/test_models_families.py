@@ -75,7 +75,7 @@ def _incremental(model, tokens, pad_mask, prefill):
     return np.concatenate(outs, axis=1)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "gpt2"])
 def test_cached_decoding_matches_full_forward(family):
     model = FAMILIES[family]()
     t = 14

@@ -31,16 +31,32 @@ averaging :math:`p = s`.
 with :math:`u^\star = \rho\,(A_S^\top p - m_S)` at the optimum (the soft penalty's gradient).
 The start :math:`x_0 = (Q^\top\mathbf 1, 0)` gives :math:`Gx_0 = \mathbf 1` and :math:`p_0 = s`.
 
-**Algorithm.**  Newton steps :math:`(\nabla^2 f + \lambda I)\Delta = -\nabla f` (small
-Levenberg term), a line search that first caps the step at 0.99 of the distance to the
-boundary :math:`Gx = 0` and then backtracks (Armijo) on
-:math:`f(x+t\Delta) - f(x) = -\sum_j s_j[\log(1+tq_j) - tq_j] + t\nabla f^\top\Delta
-+ \tfrac{t^2}{2}\Delta^\top R^{-1}\Delta`, :math:`q = G\Delta / Gx`, evaluated without
-cancellation.  Stops when :math:`\lVert\nabla f\rVert_\infty \le` ``tol`` (``gap`` reports
-it).  Mass :math:`s_j` below ``s_floor`` on allowed tokens is raised to ``s_floor`` (a
-barrier that keeps :math:`(Gx)_j > 0` on every allowed token; tokens of zero mixture mass can
-still receive mass when the constraints demand it).  The returned ``p`` is renormalised to sum
-to one (a no-op at convergence).
+**Algorithm** (primal-dual Newton, as in interior-point methods).  The optimality conditions
+are :math:`p_j\,(Gx)_j = s_j` on the mask and :math:`G^\top p - b - R^{-1}x = 0` (the dual
+gradient): a central-path system whose "barrier weights" are the fixed :math:`s_j`.  Newton on
+:math:`(p, x)` with :math:`w = Gx`, :math:`r_c = s - p\circ w`, :math:`r_d = G^\top p - b - R^{-1}x`:
+
+.. math::
+
+   [G^\top \mathrm{diag}(p/w)\, G + R^{-1}]\,\Delta x = G^\top (r_c/w) + r_d, \qquad
+   \Delta p = (r_c - p\circ G\Delta x)/w,
+
+a ``k x k`` Cholesky solve per step (``O(v k^2)`` to form).  The step is cut to
+``boundary_fraction`` of the distance to the boundary of :math:`p > 0`, :math:`w > 0`, then
+backtracked until :math:`\lVert(r_c, r_d)\rVert_2^2` decreases sufficiently.  This is far more
+robust than Newton on :math:`f` alone (whose quadratic model ignores tokens of tiny
+:math:`s_j`, so that the domain :math:`Gx > 0` cuts every step short).  Stops when
+:math:`\lVert r_d\rVert_\infty \le` ``tol`` and :math:`\lVert r_c\rVert_1 \le` ``tol``
+(``gap`` reports :math:`\lVert r_d\rVert_\infty`, the dual gradient norm).  Mass
+:math:`s_j` below ``s_floor`` on allowed tokens is raised to ``s_floor``: the dual needs
+:math:`(Gx)_j > 0` on every allowed token, and tokens of zero mixture mass can still receive
+mass when the constraints demand it.  The returned ``p = s/(Gx)`` is renormalised to sum to
+one (a no-op at convergence).
+
+Limits: when the constraints put mass where the mixture has almost none (:math:`s_j` many
+orders of magnitude below :math:`p_j`), the optimum has :math:`(Gx)_j \approx s_j/p_j`, below
+the round-off of :math:`Gx` in the working precision, and the method stalls (``MAX_ITERS``
+with the residuals reported).  Raise ``s_floor`` (e.g. ``1e-8`` in float32) in that regime.
 
 Gradients with respect to ``s``, ``m``, ``rho`` and the problem's arrays use the implicit
 function theorem on :math:`\nabla f(x^\star) = 0` (:mod:`jaxens.solvers.implicit`).
@@ -82,27 +98,16 @@ class _State(NamedTuple):
     done: Bool[Array, ""]
 
 
-def _log1pmx(x):
-    """``log1p(x) - x`` without cancellation (series for small ``|x|``)."""
-    small = jnp.abs(x) < 0.1
-    xs = jnp.where(small, x, 0.0)
-    series = -xs * xs * (
-        0.5 - xs * (1 / 3 - xs * (1 / 4 - xs * (1 / 5 - xs * (1 / 6 - xs * (1 / 7 - xs * (1 / 8 - xs / 9))))))
-    )
-    xl = jnp.where(small, 0.0, x)
-    return jnp.where(small, series, jnp.log1p(xl) - xl)
-
-
 @dataclasses.dataclass(frozen=True)
 class ReverseCENewton:
-    """Newton on the reverse-cross-entropy dual (see the module docstring for the math).
+    """Primal-dual Newton for the reverse-cross-entropy projection (math in the module docstring).
 
     Attributes:
-      tol: stop when ``||grad f||_inf <= tol``; ``None``: 1e-5 (float32) / 1e-10 (float64).
+      tol: stop when ``||r_d||_inf <= tol`` and ``||r_c||_1 <= tol``; ``None``: 1e-5 (float32)
+        / 1e-10 (float64).
       max_iters: Newton steps.
-      ls_max_steps, ls_shrink, armijo: backtracking settings.
-      levenberg: ``lambda_0`` of the Levenberg term ``lambda_0 ||grad||_inf``.
-      boundary_fraction: fraction of the distance to ``Gx = 0`` a step may go.
+      ls_max_steps, ls_shrink, armijo: backtracking settings (on the squared residual norm).
+      boundary_fraction: fraction of the distance to the boundary (``p = 0`` or ``Gx = 0``) a step may go.
       s_floor: floor of the mixture mass on allowed tokens (``None``: 1e-30).
     """
 
@@ -111,7 +116,6 @@ class ReverseCENewton:
     ls_max_steps: int = 40
     ls_shrink: float = 0.5
     armijo: float = 1e-4
-    levenberg: float = 1e-3
     boundary_fraction: float = 0.99
     s_floor: float | None = None
 
@@ -193,7 +197,7 @@ class ReverseCENewton:
             H = _gram(d.G, jnp.where(d.mask, p / w_safe, 0.0)) + jnp.diag(d.rinv)
             k = H.shape[0]
             hmax = jnp.maximum(jnp.max(jnp.diag(H)), jnp.finfo(dtype).tiny)
-            lam = self.levenberg * st.gnorm * 0 + 100 * eps * hmax
+            lam = 100 * eps * hmax
             L = jnp.linalg.cholesky(H + lam * jnp.eye(k, dtype=dtype))
             rhs = (r_c / w_safe) @ d.G + r_d
             dx = _chol_solve(L, rhs)
