@@ -102,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="ME: apply greedy/top-k/top-p/min-p/temperature to the drawn member (published ME; not exact)",
     )
+    b = g.add_argument_group("bottleneck combiners (bottleneck-<objective>)")
+    b.add_argument("--hard", nargs="+", metavar="I",
+                   help="members whose moments are hard constraints: 'all' (default), 'none' or indices")
+    b.add_argument("--soft", type=int, nargs="+", metavar="I", help="members entering as soft penalties")
+    b.add_argument("--rho", type=float, nargs="+", help="soft-constraint strength (one value or one per member)")
+    b.add_argument("--lam", type=float, default=0.0, help="smoothing weight towards the logit average, in [0, 1]")
     g.add_argument("--chunk-steps", type=int, default=4, help="steps between streamed outputs")
     g.add_argument("--stats", action="store_true", help="print timing and combiner diagnostics to stderr")
     g.add_argument("--list-combiners", action="store_true", help="print the registered combiners and exit")
@@ -119,6 +125,33 @@ def _read_prompts(args) -> list[str]:
             raise ValueError(f"prompt file {args.prompt_file!r} has no non-empty line")
         return prompts
     raise ValueError("give --prompt TEXT (repeatable) or --prompt-file FILE")
+
+
+def _bottleneck_options(args) -> dict:
+    """CLI flags -> options of :func:`jaxens.decode.bottleneck_combiner` (errors for other combiners)."""
+    given = [f for f, v in (("--hard", args.hard), ("--soft", args.soft), ("--rho", args.rho)) if v is not None]
+    if args.lam != 0.0:
+        given.append("--lam")
+    if not args.combiner.startswith("bottleneck-"):
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply to the bottleneck-<objective> combiners, "
+                             f"not {args.combiner!r}")
+        return {}
+    opts = {"lam": args.lam, "vocab_size": args.vocab_size}
+    if args.hard is not None:
+        words = [h.lower() for h in args.hard]
+        if words in (["all"], ["none"]):
+            opts["hard"] = words[0]
+        else:
+            try:
+                opts["hard"] = tuple(int(h) for h in args.hard)
+            except ValueError:
+                raise ValueError(f"--hard takes 'all', 'none' or member indices, got {' '.join(args.hard)}") from None
+    if args.soft is not None:
+        opts["soft"] = tuple(args.soft)
+    if args.rho is not None:
+        opts["rho"] = args.rho[0] if len(args.rho) == 1 else np.asarray(args.rho, np.float32)
+    return opts
 
 
 def cmd_generate(args, out=None, err=None) -> int:
@@ -152,7 +185,7 @@ def cmd_generate(args, out=None, err=None) -> int:
                     "same-vocabulary combiners need a shared tokenizer"
                 )
     sampler_kw = dict(top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, greedy=args.greedy)
-    options = {"weights": args.weights}
+    options = {"weights": args.weights, **_bottleneck_options(args)}
     if args.combiner == "me" and not args.me_per_member:
         options.update(temperature=args.temperature, max_pending=args.me_max_pending)
         sampler = Sampler(**sampler_kw)

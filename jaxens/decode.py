@@ -520,9 +520,103 @@ def make_combiner(name: str, members: Sequence[Any], **options) -> Combiner | Mi
     return COMBINERS[name](members, **options)
 
 
+class BottleneckDecodeInfo(NamedTuple):
+    """Per-step diagnostics of a bottleneck combiner in the decode loop (per row).
+
+    Aggregated by :class:`Decoder` into ``status``: a histogram over :class:`jaxens.Status` codes
+    (``(B, 8)``: steps each row ended SOLVED / MAX_ITERS / INFEASIBLE / ...) and maxima over the
+    steps of ``iterations``, ``primal_residual`` and ``gap``.
+    """
+
+    status: Int[Array, " B"]
+    iterations: Float[Array, " B"]
+    primal_residual: Float[Array, " B"]
+    gap: Float[Array, " B"]
+
+
+def _hard_members(hard: Any) -> Any:
+    if hard is None or (isinstance(hard, str) and hard.lower() == "none"):
+        return ()
+    if isinstance(hard, str):
+        if hard.lower() != "all":
+            raise ValueError(f"hard must be 'all', 'none' or member indices, got {hard!r}")
+        return "all"
+    return tuple(int(i) for i in hard)
+
+
+def bottleneck_combiner(
+    members: Sequence[Any],
+    objective: str = "kl",
+    *,
+    weights=None,
+    temperature: float = 1.0,
+    hard: Sequence[int] | str | None = "all",
+    soft: Sequence[int] | None = None,
+    rho=None,
+    lam: float = 0.0,
+    solver: Any = None,
+    vocab_size: int | None = None,
+    dtype=jnp.float32,
+    **options,
+) -> Combiner:
+    """The bottleneck combiner for ``members``, for the decode loop.
+
+    Builds the :class:`jaxens.BottleneckProblem` once from the members' ``unembedding()``
+    ``(W_i, b_i)`` (the first ``vocab_size`` rows; default the common ``config.vocab_size``) and
+    returns :func:`jaxens.combiners.bottleneck.bottleneck` whose per-step ``info`` is reduced to a
+    :class:`BottleneckDecodeInfo` (the decode loop histograms the solver statuses).
+
+    ``hard``: ``"all"`` (default), ``"none"``/``()`` or member indices; ``soft``: member indices
+    with strengths ``rho``; ``lam``: smoothing towards the logit average.  ``temperature`` must
+    be 1: the bottleneck distribution is defined by the members' own distributions; temper
+    the *combined* distribution with the sampler's temperature instead.
+    """
+    from jaxens.combiners.bottleneck import bottleneck
+    from jaxens.problem import make_problem
+
+    if temperature != 1.0:
+        raise ValueError(
+            f"the bottleneck combiners take no member temperature (got {temperature}); use "
+            "Sampler(temperature=...) (CLI: --temperature) to temper the combined distribution"
+        )
+    members = list(members)
+    if vocab_size is None:
+        vocabs = [_member_vocab(m) for m in members]
+        if len(set(vocabs)) != 1:
+            raise ValueError(
+                f"members have different vocabulary sizes {vocabs}; pass vocab_size={min(vocabs)} if they share "
+                "a tokenizer and only pad their embedding tables differently"
+            )
+        vocab_size = vocabs[0]
+    Ws, bs = [], []
+    for i, m in enumerate(members):
+        W, b = m.unembedding()
+        if W.shape[0] < vocab_size:
+            raise ValueError(f"member {i} has an unembedding of shape {W.shape}, fewer than vocab_size={vocab_size} rows")
+        Ws.append(W[:vocab_size])
+        bs.append(None if b is None else b[:vocab_size])
+    problem = make_problem(Ws, bs, hard=_hard_members(hard), soft=soft, dtype=dtype)
+    if weights is not None:
+        weights = jnp.asarray(weights, dtype)
+    inner = bottleneck(problem, objective, weights=weights, rho=rho, lam=lam, solver=solver, **options)
+
+    def combine(logits, state):
+        logp, state, sol = inner.combine(logits, state)
+        info = BottleneckDecodeInfo(
+            sol.status.astype(jnp.int32),
+            sol.iterations.astype(jnp.float32),
+            sol.primal_residual.astype(jnp.float32),
+            sol.gap.astype(jnp.float32),
+        )
+        return logp, state, info
+
+    return Combiner(inner.init, combine)
+
+
 def _register_builtin():
     from jaxens.combiners.averaging import logit_average, prob_average
     from jaxens.mixture import me
+    from jaxens.objectives import OBJECTIVES
 
     register_combiner(
         "logit_average", lambda members, weights=None, temperature=1.0: logit_average(weights, temperature)
@@ -534,6 +628,11 @@ def _register_builtin():
             weights, temperature=temperature, max_pending=max_pending, per_member_truncation=per_member_truncation
         ),
     )
+    for objective in OBJECTIVES:
+        register_combiner(
+            f"bottleneck-{objective}",
+            lambda members, objective=objective, **options: bottleneck_combiner(members, objective, **options),
+        )
 
 
 _register_builtin()

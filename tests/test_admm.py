@@ -80,7 +80,7 @@ def test_qp_sum_sq_ce_vs_osqp():
     Aeq, beq = _eq(A, m)
     x = cp.Variable(v)
     pr = cp.Problem(cp.Minimize(cp.sum_squares(L.T @ x)), [Aeq @ x == beq, x >= 0, x[~mask] == 0])
-    pr.solve(solver="OSQP", eps_abs=1e-10, eps_rel=1e-10, max_iter=200000, polish=True)
+    pr.solve(solver="OSQP", eps_abs=1e-10, eps_rel=1e-10, max_iter=200000, polishing=True)
     f = np.sum((L.T @ p) ** 2)
     _check(prob, m, sol)
     assert abs(f - pr.value) <= 1e-4 * abs(pr.value)

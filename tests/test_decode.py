@@ -231,3 +231,42 @@ def test_smollm2_greedy_batched_matches_full_forward(smollm2, smollm2_tokenizer)
             logits = np.asarray(full_logits(smollm2, jnp.asarray(t)))[0, len(seq) - 1]
             seq.append(int(np.argmax(logits)))
         assert out.tokens[b].tolist() == seq[len(p) :], tok.decode(out.tokens[b])
+
+
+def test_bottleneck_kl_without_hard_constraints_equals_logit_average(members, greedy_pair):
+    """KL to the logit average with no constraint is the logit average itself."""
+    assert {f"bottleneck-{o}" for o in __import__("jaxens.objectives").objectives.OBJECTIVES} <= set(COMBINERS)
+    comb = make_combiner("bottleneck-kl", members, weights=[0.7, 0.3], hard=())
+    dec = Decoder(members, comb, Sampler(greedy=True), cache_len=64)
+    out = dec.generate(PROMPTS, 10)
+    np.testing.assert_array_equal(out.tokens, greedy_pair.generate(PROMPTS, 10).tokens)
+    assert out.stats.status.shape == (len(PROMPTS), 8)
+    assert out.stats.status.sum(axis=1).tolist() == out.lengths.tolist()
+    with pytest.raises(ValueError, match="no member temperature"):
+        make_combiner("bottleneck-kl", members, temperature=0.5)
+
+
+def test_bottleneck_sum_ce_tiny_llamas_reports_statuses():
+    from flax import nnx
+
+    from jaxens.models.llama import Llama, LlamaConfig
+    from jaxens.solvers.solution import Status
+
+    cfg = LlamaConfig.tiny(max_len=128)
+    ms = [Llama(cfg, rngs=nnx.Rngs(0)), Llama(cfg, rngs=nnx.Rngs(1))]
+    comb = make_combiner("bottleneck-sum_ce", ms, hard="all")
+    dec = Decoder(ms, comb, Sampler(greedy=True), cache_len=64)
+    prompts = [[5, 9, 2, 7, 1], [3, 90]]
+    out = dec.generate(prompts, 6)
+    assert out.lengths.tolist() == [6, 6] and out.tokens.shape == (2, 6)
+    hist = out.stats.status
+    assert hist.shape == (2, 8) and hist.sum(axis=1).tolist() == [6, 6]
+    assert hist[:, Status.NONFINITE_INPUT].sum() == 0 and hist[:, Status.NUMERICAL_ERROR].sum() == 0
+    assert np.all(np.isfinite(out.stats.primal_residual)) and np.all(out.stats.iterations >= 1)
+    # the loop's first token is the argmax of the combiner applied to the members' prefill logits
+    lp, _, _ = comb.combine(
+        [m(jnp.asarray(prompts[:1]), jnp.arange(5)[None], m.init_cache(1, 8), jnp.int32(0), jnp.ones((1, 8), bool))[0][
+            :, -1] for m in ms],
+        comb.init(1),
+    )
+    assert int(np.argmax(np.asarray(lp)[0])) == out.tokens[0, 0]

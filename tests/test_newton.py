@@ -1,6 +1,5 @@
 """EntropicNewton (kl / max_entropy / LP by continuation) against cvxpy (Clarabel) and HiGHS."""
 
-import contextlib
 
 import cvxpy as cp
 import jax
@@ -319,7 +318,9 @@ def test_float32_agrees_with_float64():
     l32, _ = EntropicNewton(eps_min=1e-3).solve_lp(problem32, jnp.asarray(c, jnp.float32), mask,
                                                   jnp.asarray(m, jnp.float32))
     assert int(l32.status) == Status.SOLVED
-    np.testing.assert_allclose(np.asarray(l32.p, np.float64), l64.p, atol=1e-4)
+    # theta = -c/eps reaches |c|/(1e-3 range c): float32 resolves grad phi to ~1e-4 there
+    np.testing.assert_allclose(np.asarray(l32.p, np.float64), l64.p, atol=1e-3)
+    assert abs(float(c @ l32.p) - float(c @ l64.p)) <= 1e-3 * max(1.0, abs(float(c @ l64.p)))
 
 
 def test_bad_shapes_raise():

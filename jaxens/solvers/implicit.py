@@ -23,6 +23,14 @@ Hessian supplied by the solver (so that singular directions, e.g. the shift
 :math:`z_h \mapsto z_h + t\,Q^\top\mathbf 1` that leaves the softmax unchanged, can be fixed
 by the solver that knows them).
 
+Caveat on ``Q`` and ``T_pinv``: the hard constraints include :math:`\mathbf 1^\top p = 1`
+only through :math:`\mathbf 1 \in \mathrm{span}\,Q` and :math:`u^\top\beta = 1`
+(:math:`Qu = \mathbf 1`).  A generic perturbation of ``Q`` or ``T_pinv`` breaks this and
+changes the feasible set discontinuously, so the returned cotangents for those two leaves are
+the minimum-norm (pseudo-inverse) ones, meaningful only along perturbations that keep
+:math:`\mathbf 1 \in \mathrm{span}\,Q`.  Cotangents for :math:`\theta`, :math:`m`,
+:math:`\rho`, ``A`` (soft columns) and ``s`` are exact and tested against finite differences.
+
 The *unrolled* alternative (differentiate through a fixed number of Newton steps run with
 ``lax.fori_loop``) is a solver setting (``adjoint="unrolled"``); the tests check both agree.
 """
