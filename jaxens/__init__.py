@@ -1,9 +1,60 @@
-"""jaxens: differentiable, jit-compiled ensembling of language models at decoding time."""
+"""jaxens: differentiable, jit-compiled ensembling of language models at decoding time.
 
+Flat re-exports of the public API (optax style): combiners, the bottleneck problem and its
+solvers, samplers, the decode loop and ME.  Models and checkpoints live in
+:mod:`jaxens.models` (``jaxens.zoo`` is :mod:`jaxens.models.zoo`).
+"""
+
+from jaxens import objectives
+from jaxens.bat import bat_accept, bat_logits, bat_token_mask
+from jaxens.combiners.averaging import logit_average, prob_average
+from jaxens.combiners.base import Combiner
+from jaxens.combiners.bottleneck import BottleneckState, bottleneck, default_solver
+from jaxens.decode import Decoder, DecodeOutput, generate, make_combiner, register_combiner
+from jaxens.mixture import MixtureEnsemble, me
+from jaxens.models import zoo
+from jaxens.objectives import OBJECTIVES
 from jaxens.problem import BottleneckProblem, make_problem
+from jaxens.sampling import Sampler, greedy
+from jaxens.solvers.admm import ADMM
+from jaxens.solvers.feasibility import least_squares
+from jaxens.solvers.fista import FISTA
+from jaxens.solvers.newton import EntropicNewton
+from jaxens.solvers.reverse_ce import ReverseCENewton
 from jaxens.solvers.solution import Solution, Status, raise_if_failed
 
 __version__ = "0.1.0"
 
-from jaxens.combiners.base import Combiner
-from jaxens.combiners.averaging import logit_average, prob_average
+__all__ = [
+    "ADMM",
+    "BottleneckProblem",
+    "BottleneckState",
+    "Combiner",
+    "DecodeOutput",
+    "Decoder",
+    "EntropicNewton",
+    "FISTA",
+    "MixtureEnsemble",
+    "OBJECTIVES",
+    "ReverseCENewton",
+    "Sampler",
+    "Solution",
+    "Status",
+    "bat_accept",
+    "bat_logits",
+    "bat_token_mask",
+    "bottleneck",
+    "default_solver",
+    "generate",
+    "greedy",
+    "least_squares",
+    "logit_average",
+    "make_combiner",
+    "make_problem",
+    "me",
+    "objectives",
+    "prob_average",
+    "raise_if_failed",
+    "register_combiner",
+    "zoo",
+]

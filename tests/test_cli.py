@@ -155,3 +155,21 @@ def test_text_stream_holds_back_partial_utf8_and_flushes():
     s2.add([e[0]])
     s2.finish()  # a trailing incomplete sequence is still flushed at the end
     assert s2.out.getvalue() == "\ufffd"
+
+
+def test_bottleneck_from_cli(capsys):
+    base = ["generate", "--member", "toy0", "--member", "toy1", "--greedy", "--max-new-tokens", "6",
+            "--prompt", "hello", "--weights", "0.6", "0.4"]
+    _, ref, _ = run(base + ["--combiner", "logit_average"], capsys)
+    code, out, err = run(base + ["--combiner", "bottleneck-kl", "--hard", "none", "--stats"], capsys)
+    assert code == 0 and out == ref and "status" in err
+    opts = cli._bottleneck_options(cli.build_parser().parse_args(
+        ["generate", "--member", "a", "--combiner", "bottleneck-sum_ce", "--hard", "0", "--soft", "1",
+         "--rho", "2.5", "--lam", "0.1"]))
+    assert opts == {"hard": (0,), "soft": (1,), "rho": 2.5, "lam": 0.1, "vocab_size": None}
+    with pytest.raises(SystemExit):
+        cli.main(base + ["--combiner", "logit_average", "--rho", "1"])
+    assert "only apply to the bottleneck" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(base + ["--combiner", "bottleneck-kl", "--hard", "x"])
+    assert "--hard takes 'all', 'none' or member indices" in capsys.readouterr().err

@@ -1,0 +1,258 @@
+"""Decode throughput on CPU: jaxens vs transformers, averaging vs ME, bottleneck vs averaging.
+
+    python benchmarks/decode.py            # full run (128 new tokens, batch 1 and 8)
+    python benchmarks/decode.py --quick    # smoke run (8 new tokens, batch 1, no bottleneck)
+
+Prints a table and writes ``results/decode.json``.  Rows:
+
+* ``single``: one SmolLM2-135M member in the jaxens decode loop vs transformers (PyTorch)
+  ``generate`` on the same checkpoint (the zoo's GGUF, loaded with
+  ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)``), greedy, batch 1 and 8;
+* ``ensemble``: logit averaging of ``n`` members (all ``n`` forwards per step) vs ME (one
+  forward per step), ``n = 2, 3``, plain sampling.  The members are SmolLM2-135M and copies
+  with their final-norm weights perturbed by 5% (different distributions, identical cost);
+* ``bottleneck``: ``bottleneck-kl`` with hard constraints on all members and
+  ``bottleneck-sum_ce`` vs logit averaging, ``n = 2``, greedy.
+
+Timings exclude compilation: each configuration is run once to compile (its wall time minus
+the steady-state time is reported as ``compile_s``), then ``--repeats`` times; the median is
+reported.  Every row generates exactly ``--new-tokens`` tokens per sequence (no stop tokens).
+torch and XLA get the same number of threads (``--threads``, default all cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="8 new tokens, batch 1, n=2 only, no bottleneck rows")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes of the single-member rows")
+    p.add_argument("--ens-batch", type=int, default=1, help="batch size of the ensemble and bottleneck rows")
+    p.add_argument("--members", type=int, nargs="+", default=[2, 3], help="ensemble sizes for averaging vs ME")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length (tokens of alice29.txt)")
+    p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--skip-bottleneck", action="store_true")
+    p.add_argument("--data", default="/work/shared/data/alice29.txt")
+    p.add_argument("--out", default="results/decode.json")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.new_tokens, a.batch, a.members, a.repeats, a.skip_bottleneck = 8, [1], [2], 1, True
+    return a
+
+
+ARGS = parse_args()
+# Threads must be fixed before jax / torch start their pools.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "")
+    + f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={ARGS.threads}"
+)
+os.environ.setdefault("OMP_NUM_THREADS", str(ARGS.threads))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxens.combiners.averaging import logit_average  # noqa: E402
+from jaxens.decode import Decoder, make_combiner  # noqa: E402
+from jaxens.mixture import me  # noqa: E402
+from jaxens.sampling import Sampler  # noqa: E402
+
+
+def loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """``(steady seconds (median of repeats), compile seconds)`` of ``fn()``."""
+    t = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    steady = float(np.median(times))
+    return steady, max(first - steady, 0.0)
+
+
+def jax_decode_fn(decoder, prompt, batch, n_new, seed=0):
+    prompts = [prompt] * batch
+
+    def run():
+        out = decoder.generate(prompts, n_new, seed=seed)
+        assert out.lengths.tolist() == [n_new] * batch, out.lengths
+        return out
+
+    return run
+
+
+def perturbed_copy(member, seed: int, scale: float = 0.05):
+    from jaxens.models.llama import Llama
+
+    params = member.params_numpy()
+    rng = np.random.default_rng(seed)
+    params["final_norm"] = params["final_norm"] * (1.0 + scale * rng.standard_normal(params["final_norm"].shape))
+    return Llama(member.config, {k: jnp.asarray(v, jnp.float32) for k, v in params.items()})
+
+
+def main():
+    from jaxens.models import zoo
+
+    a = ARGS
+    rows = []
+    info = {
+        "threads": a.threads,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "jax": jax.__version__,
+        "jax_backend": jax.default_backend(),
+        "new_tokens": a.new_tokens,
+        "repeats": a.repeats,
+        "loadavg_start": loadavg(),
+        "quick": a.quick,
+        "members_note": "SmolLM2-135M-Instruct (zoo GGUF Q4_1 dequantised to float32) and copies with the "
+        "final-norm weights perturbed by 5% (same cost, different distributions)",
+    }
+    print(f"threads={a.threads} load={info['loadavg_start']}", flush=True)
+    member, tok = zoo.load("smollm2-135m", progress=False)
+    text = Path(a.data).read_text(errors="replace")
+    ids = tok.encode(text[:4000])[: a.prompt_tokens]
+    info["prompt_tokens"] = len(ids)
+    info["prompt_text"] = tok.decode(ids)
+
+    def add(group, name, batch, n_members, steady, compile_s, baseline=None, target=None, extra=None):
+        tps = batch * a.new_tokens / steady
+        row = dict(group=group, name=name, batch=batch, members=n_members, time_s=round(steady, 4),
+                   tokens_per_s=round(tps, 2), ms_per_step=round(1000 * steady / a.new_tokens, 2),
+                   compile_s=round(compile_s, 2), loadavg=loadavg())
+        if baseline is not None:
+            row["baseline"] = baseline["name"]
+            row["ratio"] = round(tps / baseline["tokens_per_s"], 3)
+            row["target"] = target
+        if extra:
+            row.update(extra)
+        rows.append(row)
+        r = f" ratio {row['ratio']:.2f}x vs {baseline['name']} (target {target})" if baseline else ""
+        print(f"  {group:<10} {name:<28} B={batch} n={n_members}: {tps:8.1f} tok/s "
+              f"({row['ms_per_step']:.1f} ms/step, compile {compile_s:.1f}s){r}", flush=True)
+        return row
+
+    # ---- single member: jaxens vs transformers generate
+    greedy = Sampler(greedy=True)
+    single = Decoder([member], logit_average(), greedy)
+    torch_model = None
+    if not a.skip_torch:
+        import torch
+        import transformers
+
+        torch.set_num_threads(a.threads)
+        info["torch"] = torch.__version__
+        info["transformers"] = transformers.__version__
+        path = zoo.fetch("smollm2-135m", progress=False)
+        torch_model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        ).eval()
+    for B in a.batch:
+        steady, comp = timed(jax_decode_fn(single, ids, B, a.new_tokens), a.repeats)
+        jrow = add("single", "jaxens", B, 1, steady, comp)
+        if torch_model is not None:
+            import torch
+
+            inp = torch.tensor([ids] * B)
+
+            def run_torch():
+                with torch.no_grad():
+                    out = torch_model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=a.new_tokens,
+                                               min_new_tokens=a.new_tokens, do_sample=False, pad_token_id=0)
+                assert out.shape == (B, len(ids) + a.new_tokens), out.shape
+                return out
+
+            steady, comp = timed(run_torch, a.repeats)
+            trow = add("single", "torch generate", B, 1, steady, comp)
+            jrow.update(baseline=trow["name"], ratio=round(jrow["tokens_per_s"] / trow["tokens_per_s"], 3),
+                        target=">= 1.5")
+            print(f"  -> jaxens / torch at B={B}: {jrow['ratio']:.2f}x (target >= 1.5)", flush=True)
+
+    # ---- ensembles: logit averaging vs ME
+    members = [member]
+    plain = Sampler()
+    B = a.ens_batch
+    avg_rows = {}
+    for n in sorted(a.members):
+        while len(members) < n:
+            members.append(perturbed_copy(member, seed=len(members)))
+        ms = members[:n]
+        avg = Decoder(ms, logit_average(), plain)
+        steady, comp = timed(jax_decode_fn(avg, ids, B, a.new_tokens), a.repeats)
+        arow = add("ensemble", "logit_average", B, n, steady, comp)
+        avg_rows[n] = arow
+        mix = Decoder(ms, me(), plain)
+        out_holder = {}
+
+        def run_me(mix=mix):
+            out_holder["out"] = jax_decode_fn(mix, ids, B, a.new_tokens)()
+
+        steady, comp = timed(run_me, a.repeats)
+        st = out_holder["out"].stats
+        add("ensemble", "me", B, n, steady, comp, arow, ">= 1.9" if n == 2 else ">= 2.7" if n == 3 else None,
+            extra=dict(me_forward_tokens=np.asarray(st.forward_tokens).tolist(),
+                       me_eager_catchups=np.asarray(st.eager_catchups).tolist()))
+
+    # ---- bottleneck vs logit averaging (n = 2, greedy)
+    if not a.skip_bottleneck:
+        while len(members) < 2:
+            members.append(perturbed_copy(member, seed=len(members)))
+        ms = members[:2]
+        avg = Decoder(ms, logit_average(), greedy)
+        steady, comp = timed(jax_decode_fn(avg, ids, B, a.new_tokens), a.repeats)
+        base = add("bottleneck", "logit_average (greedy)", B, 2, steady, comp)
+        for name, opts in (("bottleneck-kl", dict(hard="all")), ("bottleneck-sum_ce", dict(hard="all"))):
+            t = time.perf_counter()
+            comb = make_combiner(name, ms, **opts)
+            build = time.perf_counter() - t
+            dec = Decoder(ms, comb, greedy)
+            holder = {}
+
+            def run_b(dec=dec):
+                holder["out"] = jax_decode_fn(dec, ids, B, a.new_tokens)()
+
+            steady, comp = timed(run_b, a.repeats)
+            st = holder["out"].stats
+            add("bottleneck", f"{name} (hard=all)", B, 2, steady, comp, base, ">= 0.5",
+                extra=dict(problem_build_s=round(build, 2),
+                           status_histogram=np.asarray(st.status).sum(axis=0).tolist(),
+                           max_iterations=float(np.max(st.iterations)),
+                           max_primal_residual=float(np.max(st.primal_residual))))
+
+    info["loadavg_end"] = loadavg()
+    print("\n| group | name | B | n | tok/s | ms/step | compile s | ratio | target |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['group']} | {r['name']} | {r['batch']} | {r['members']} | {r['tokens_per_s']:.1f} | "
+              f"{r['ms_per_step']:.1f} | {r['compile_s']:.1f} | {r.get('ratio', '')} | {r.get('target', '') or ''} |")
+    print(f"load average start {info['loadavg_start']} end {info['loadavg_end']}; threads {a.threads}")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"info": info, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
