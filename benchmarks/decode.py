@@ -12,7 +12,8 @@ Prints a table and writes ``results/decode.json``.  Rows:
   forward per step), ``n = 2, 3``, plain sampling.  The members are SmolLM2-135M and copies
   with their final-norm weights perturbed by 5% (different distributions, identical cost);
 * ``bottleneck``: ``bottleneck-kl`` with hard constraints on all members and
-  ``bottleneck-sum_ce`` vs logit averaging, ``n = 2``, greedy.
+  ``bottleneck-sum_ce`` vs logit averaging, ``n = 2``, greedy; by default on two random-init
+  Llamas (vocab 2048, d 128, 4 layers), ``--bottleneck-model smollm2`` for SmolLM2 copies.
 
 Timings exclude compilation: each configuration is run once to compile (its wall time minus
 the steady-state time is reported as ``compile_s``), then ``--repeats`` times; the median is
@@ -43,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length (tokens of alice29.txt)")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--skip-bottleneck", action="store_true")
+    p.add_argument("--bottleneck-model", choices=("small", "smollm2"), default="small",
+                   help="members of the bottleneck rows: two random-init Llamas (vocab 2048, d 128, 4 layers) "
+                   "or SmolLM2-135M and a perturbed copy (make_problem on v=49152 takes many minutes on CPU)")
     p.add_argument("--data", default="/work/shared/data/alice29.txt")
     p.add_argument("--out", default="results/decode.json")
     a = p.parse_args(argv)
@@ -216,11 +220,22 @@ def main():
 
     # ---- bottleneck vs logit averaging (n = 2, greedy)
     if not a.skip_bottleneck:
-        while len(members) < 2:
-            members.append(perturbed_copy(member, seed=len(members)))
-        ms = members[:2]
+        if a.bottleneck_model == "smollm2":
+            while len(members) < 2:
+                members.append(perturbed_copy(member, seed=len(members)))
+            ms = members[:2]
+            bids = ids
+        else:
+            from flax import nnx
+
+            from jaxens.models.llama import Llama, LlamaConfig
+
+            cfg = LlamaConfig(vocab_size=2048, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384)
+            ms = [Llama(cfg, rngs=nnx.Rngs(i)) for i in range(2)]
+            info["bottleneck_members"] = f"2 random-init Llamas {cfg}"
+            bids = [t % cfg.vocab_size for t in ids]
         avg = Decoder(ms, logit_average(), greedy)
-        steady, comp = timed(jax_decode_fn(avg, ids, B, a.new_tokens), a.repeats)
+        steady, comp = timed(jax_decode_fn(avg, bids, B, a.new_tokens), a.repeats)
         base = add("bottleneck", "logit_average (greedy)", B, 2, steady, comp)
         for name, opts in (("bottleneck-kl", dict(hard="all")), ("bottleneck-sum_ce", dict(hard="all"))):
             t = time.perf_counter()
@@ -230,7 +245,7 @@ def main():
             holder = {}
 
             def run_b(dec=dec):
-                holder["out"] = jax_decode_fn(dec, ids, B, a.new_tokens)()
+                holder["out"] = jax_decode_fn(dec, bids, B, a.new_tokens)()
 
             steady, comp = timed(run_b, a.repeats)
             st = holder["out"].stats

@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
@@ -92,14 +93,15 @@ def main(argv=None):
     ap.add_argument("--no-osqp", action="store_true")
     ap.add_argument("--no-jaxopt", action="store_true")
     ap.add_argument("--cvxpy", action="store_true", help="also time cvxpy (default solver)")
-    ap.add_argument("--eps-min", type=float, default=1e-5, help="last entropy weight of the continuation (relative)")
+    ap.add_argument("--eps-min", type=float, default=None, help="last entropy weight of the continuation (relative; default per dtype)")
+    ap.add_argument("--topk", type=int, default=2048, help="Newton Hessian over the top-k tokens by mass")
     ap.add_argument("--out", default="results/solvers.json")
     args = ap.parse_args(argv)
     if args.full:
         args.v, args.nd, args.batch = [8192, 16384, 49152], [128, 256, 1152], [1, 8, 32]
 
     jaxens_solvers = {
-        "jaxens-newton": ("newton", EntropicNewton(eps_min=args.eps_min, max_iters=60)),
+        "jaxens-newton": ("newton", EntropicNewton(eps_min=args.eps_min, max_iters=60, hessian_topk=args.topk)),
         "jaxens-admm": ("admm", ADMM()),
     }
     rows = []

@@ -50,7 +50,9 @@ def default_solver(objective: str):
     from jaxens.solvers.reverse_ce import ReverseCENewton
 
     return {
-        "sum_ce": EntropicNewton(),
+        # ADMM is the fastest LP solver here (see benchmarks/solvers.py); for gradients of the
+        # LP use EntropicNewton(), whose solve_lp is differentiable (implicit adjoint).
+        "sum_ce": ADMM(),
         "sum_sq_ce": ADMM(),
         "least_squares": FISTA(),
         "kl": EntropicNewton(),
@@ -112,7 +114,11 @@ def solve_row(
     if problem.hard and check_feasibility and objective != "least_squares":
         # The feasibility verdict is piecewise constant; the least-squares fallback is returned
         # without a gradient (use the least_squares objective itself to differentiate it).
-        ls = least_squares(problem, jax.lax.stop_gradient(m), d.mask)
+        # Warm-started at the objective's answer: a feasible row stops at once (r ~ 0), an
+        # infeasible row runs to the least-squares optimum and its certificate.
+        ls = least_squares(
+            problem, jax.lax.stop_gradient(m), d.mask, p0=jax.lax.stop_gradient(sol.p)
+        )
         sol = _select(ls.status == Status.INFEASIBLE, ls, sol)
 
     fallback = sol._replace(

@@ -20,6 +20,14 @@ least-squares optimum the margin equals :math:`\lVert r\rVert`.  For any iterate
 :math:`g_{FW}` the Frank-Wolfe gap of :math:`\lVert A_H^\top p - m_H\rVert^2` at ``p``; it is
 computed directly from ``d`` anyway.
 
+A second certificate costs no iteration: when :math:`C = [A_H, \mathbf 1]` is rank deficient
+(duplicated members, :math:`nd + 1 > v`) the moment system can be inconsistent by itself, and the
+part :math:`e = [m_H; 1] - C^\top x` (:math:`x = Q\beta`, the minimum-norm least-squares
+solution) lies in the null space of ``C``; :math:`d = e_A/\lVert e\rVert` has margin
+:math:`\lVert e\rVert`.  The solvers' constraints :math:`Q^\top p = \beta` are a least-squares
+projection of :math:`C^\top p = [m_H; 1]` and cannot see ``e``, so the phase reports whichever
+certificate has the larger margin.
+
 Verdict (per row):
 
 * ``INFEASIBLE`` iff ``margin > feas_tol`` (sound whenever the margin is evaluated accurately: a
@@ -147,6 +155,21 @@ def _least_squares(problem, m, mask, solver, ub, feas_rtol, decide, p0):
     ub_eff = None if ub is None else jnp.where(mask, jnp.asarray(ub, dtype), 0.0)
     margin = d @ m_h - max_linear(problem.A_hard @ d, mask, ub_eff)
     margin = jnp.where(rn > 0, margin, -jnp.inf)
+    # Exact inconsistency of the moment system itself: when [A_H, 1] is rank deficient
+    # (duplicated members, n d + 1 > v), [m_H; 1] may leave its row space, and the solvers'
+    # Q^T p = beta (a least-squares projection of the constraints) silently drops that part.
+    # e = [m_H; 1] - [A_H, 1]^T x (x = Q beta, the min-norm least-squares solution) lies in the
+    # null space of [A_H, 1], so d = e_A / ||e|| has margin ||e|| with no iteration at all.
+    xh = problem.Q @ problem.beta(m)
+    e_m = m_h - xh @ problem.A_hard
+    e_1 = 1.0 - jnp.sum(xh)
+    en = jnp.sqrt(jnp.sum(e_m * e_m) + e_1 * e_1)
+    d_null = e_m / jnp.maximum(en, jnp.finfo(dtype).tiny)
+    margin_null = d_null @ m_h - max_linear(problem.A_hard @ d_null, mask, ub_eff)
+    margin_null = jnp.where(en > 0, margin_null, -jnp.inf)
+    use_null = margin_null > margin
+    d = jnp.where(use_null, d_null, d)
+    margin = jnp.where(use_null, margin_null, margin)
     box_empty = (
         jnp.zeros((), bool) if ub_eff is None else jnp.sum(ub_eff) < 1.0 - jnp.finfo(dtype).eps * v
     )

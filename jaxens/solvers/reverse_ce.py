@@ -246,7 +246,8 @@ class ReverseCENewton:
             return new._replace(iteration=st.iteration + 1, status=status, done=converged | ~accept)
 
         st = lax.while_loop(lambda st: ~st.done & (st.iteration < self.max_iters), body, init())
-        return st.x, NewtonInfo(st.status, st.gnorm, st.iteration)
+        # the primal iterate rides along with the diagnostics (no gradient flows into it)
+        return st.x, (NewtonInfo(st.status, st.gnorm, st.iteration), st.p)
 
     def solve(
         self,
@@ -316,9 +317,14 @@ class ReverseCENewton:
             lam = jnp.linalg.solve(H, xbar[:, None])[:, 0]
             return jnp.where(jnp.all(jnp.isfinite(lam)), lam, 0.0)
 
-        x, info = implicit_root(forward, residual, adjoint_solve)((problem, s_c, m_c, rho), (mask, x0, bad))
+        x, (info, p_iter) = implicit_root(forward, residual, adjoint_solve)((problem, s_c, m_c, rho), (mask, x0, bad))
         d = self._build(problem, s_c, mask, m_c, rho)
-        p, _ = self._p(d, x)
+        p_x, _ = self._p(d, x)
+        # Return the primal iterate, which satisfies the constraints to ``tol`` (the stopping
+        # rule is on it); s / (G x) differs from it by r_c / (G x), large where G x is tiny.
+        # The gradient is that of s / (G x*) (implicit adjoint).
+        p_iter = jnp.where(jnp.all(jnp.isfinite(p_iter)), p_iter, p_x)
+        p = p_x + lax.stop_gradient(p_iter - p_x)
         p = jnp.maximum(p, 0.0)
         total = jnp.sum(p)
         p = p / jnp.where(total > 0, total, 1.0)
