@@ -11,37 +11,20 @@ import time
 import numpy as np
 
 
-def highs_lp(A: np.ndarray, m: np.ndarray, c: np.ndarray, ub: np.ndarray | None = None, tol: float = 1e-9):
-    """HiGHS (through highspy) on the dense LP; dual simplex by default."""
-    import highspy
+def highs_lp(A: np.ndarray, m: np.ndarray, c: np.ndarray, ub: np.ndarray | None = None,
+             method: str = "highs", time_limit: float = 1800.0):
+    """HiGHS through ``scipy.optimize.linprog`` (``method``: highs / highs-ds / highs-ipm)."""
+    from scipy.optimize import linprog
 
     v, D = A.shape
-    h = highspy.Highs()
-    h.setOptionValue("output_flag", False)
-    h.setOptionValue("primal_feasibility_tolerance", tol)
-    h.setOptionValue("dual_feasibility_tolerance", tol)
-    lp = highspy.HighsLp()
-    lp.num_col_ = v
-    lp.num_row_ = D + 1
-    lp.col_cost_ = np.asarray(c, np.float64)
-    lp.col_lower_ = np.zeros(v)
-    lp.col_upper_ = np.full(v, np.inf) if ub is None else np.asarray(ub, np.float64)
-    rhs = np.concatenate([m, [1.0]])
-    lp.row_lower_ = rhs
-    lp.row_upper_ = rhs
-    M = np.concatenate([A, np.ones((v, 1))], axis=1)  # column j of the LP = row j of M
-    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-    lp.a_matrix_.start_ = np.arange(0, v * (D + 1) + 1, D + 1, dtype=np.int32)
-    lp.a_matrix_.index_ = np.tile(np.arange(D + 1, dtype=np.int32), v)
-    lp.a_matrix_.value_ = M.reshape(-1)
-    h.passModel(lp)
+    A_eq = np.concatenate([A, np.ones((v, 1))], axis=1).T
+    b_eq = np.concatenate([m, [1.0]])
+    bounds = (0, None) if ub is None else list(zip(np.zeros(v), ub))
     t0 = time.perf_counter()
-    h.run()
+    r = linprog(c, A_eq=A_eq, b_eq=b_eq, bounds=bounds, method=method, options=dict(time_limit=time_limit))
     dt = time.perf_counter() - t0
-    status = h.modelStatusToString(h.getModelStatus())
-    sol = h.getSolution()
-    p = np.asarray(sol.col_value) if status == "Optimal" else None
-    return p, dt, status
+    status = {0: "Optimal", 1: "Iteration/time limit", 2: "Infeasible", 3: "Unbounded", 4: "Numerical"}[r.status]
+    return (np.asarray(r.x) if r.status == 0 else None), dt, status
 
 
 def osqp_lp(A, m, c, eps=1e-5, max_iter=20000, F=None):

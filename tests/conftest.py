@@ -8,11 +8,15 @@ tests that need them are skipped with the reason.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-DATA = Path("/work/shared/data")
+# ../shared/data beside the repository (as on CI), or $JAXENS_DATA.
+DATA = Path(os.environ.get("JAXENS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+# On CI a missing checkpoint or text is a failure, never a silent skip.
+_STRICT = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def _zoo_dir(name: str) -> Path:
@@ -21,12 +25,16 @@ def _zoo_dir(name: str) -> Path:
     try:
         return zoo.hf_dir(name, progress=False)
     except Exception as e:  # offline, no cache, pip missing...
+        if _STRICT:
+            raise
         pytest.skip(f"zoo checkpoint {name!r} unavailable: {type(e).__name__}: {e}")
 
 
 def _text(name: str) -> str:
     p = DATA / name
     if not p.is_file():
+        if _STRICT:
+            raise FileNotFoundError(f"text {p} not found (set JAXENS_DATA to the folder of the texts)")
         pytest.skip(f"text {p} not found")
     return p.read_text(encoding="latin-1")
 
