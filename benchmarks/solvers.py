@@ -70,15 +70,18 @@ def run_jaxens(solver, problem, c, m, method: str):
     c = jnp.asarray(c, problem.A.dtype)
     m = jnp.asarray(m, problem.A.dtype)
     mask = jnp.ones(c.shape, bool)
+    rho = jnp.zeros((problem.num_members,), problem.A.dtype)
+    # the problem is an argument, not a closure: no v x D constants in the executable
     if method == "newton":
-        fn = jax.jit(jax.vmap(lambda ci, mi: solver.solve_lp(problem, ci, mask[0], mi)[0]))
+        row = lambda P, ci, mi: solver.solve_lp(P, ci, mask[0], mi, rho)[0]  # noqa: E731
     else:
         F = jnp.zeros((problem.vocab_size, 0), problem.A.dtype)
-        fn = jax.jit(jax.vmap(lambda ci, mi: solver.solve(problem, ci, F, mask[0], mi, None)[0]))
-    sol = fn(c, m)
+        row = lambda P, ci, mi: solver.solve(P, ci, F, mask[0], mi, rho)[0]  # noqa: E731
+    fn = jax.jit(jax.vmap(row, in_axes=(None, 0, 0)))
+    sol = fn(problem, c, m)
     jax.block_until_ready(sol)
     t0 = time.perf_counter()
-    sol = fn(c, m)
+    sol = fn(problem, c, m)
     jax.block_until_ready(sol)
     return sol, time.perf_counter() - t0
 

@@ -49,7 +49,9 @@ Details and conventions:
   when that is positive.  The objective minimises the *largest* such under-estimation over
   members and tokens, :math:`\min_{p\in\mathcal F}\max_{i,j}(\log p_j - \log \hat p_{ij})`, which,
   :math:`\exp` being monotone, is the LP :math:`\min s` s.t. :math:`p\in\mathcal F`,
-  :math:`0 \le p_j \le s\, r_j`, :math:`r_j = \min_i \hat p_{ij}`.
+  :math:`0 \le p_j \le s\, r_j`, :math:`r_j = \min_i \hat p_{ij}` (computed in log space and scaled
+  to :math:`\max_j r_j = 1`, which leaves the minimiser unchanged; see
+  :func:`underestimation_bound` for rows whose members have disjoint supports).
 * ``cross_entropy`` (the blog's "true distribution's cross-entropy with the predicted
   distributions"): :math:`\sum_i w_i H(\hat p_i, p) = -\sum_j s_j \log p_j` with
   :math:`s = \sum_i w_i \hat p_i`.  Without constraints its minimiser is probability averaging,
@@ -149,6 +151,19 @@ def mixture_weights(d: RowData) -> Float[Array, " v"]:
 
 
 def underestimation_bound(d: RowData) -> Float[Array, " v"]:
-    """``min_underestimation``: :math:`r_j = \\min_{i: w_i>0} \\hat p_{ij}`."""
-    p = jnp.where(d.weights[:, None] > 0, jnp.exp(d.logp), jnp.inf)
-    return jnp.where(d.mask, jnp.min(p, axis=0), 0.0)
+    """``min_underestimation``: :math:`r_j \\propto \\min_{i: w_i>0} \\hat p_{ij}`, scaled to ``max r = 1``.
+
+    The LP's minimiser does not change when ``r`` is scaled, and the scaling keeps ``r`` from
+    underflowing to zero everywhere (near one-hot members that disagree).  When no allowed token
+    has positive bound (members with disjoint supports: the mask fell back to the loose one and
+    every distribution under-estimates some member infinitely), the minimum is taken over the
+    members that allow the token.
+    """
+    use = d.weights[:, None] > 0
+    u = jnp.min(jnp.where(use, d.logp, jnp.inf), axis=0)  # log r_j, -inf where some member vetoes
+    u_loose = jnp.min(jnp.where(use & (d.logp > -jnp.inf), d.logp, jnp.inf), axis=0)
+    u = jnp.where(jnp.any(d.mask & (u > -jnp.inf)), u, u_loose)
+    u = jnp.where(d.mask & (u < jnp.inf), u, -jnp.inf)
+    top = jnp.max(u)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    return jnp.where(d.mask, jnp.exp(u - top), 0.0)

@@ -88,7 +88,8 @@ def _run(objective, inst, solver=None):
 
 def _check(objective, inst, solver=None, highs=True):
     p, sol = _run(objective, inst, solver)
-    recs = rb.check_rows(objective, inst["dtype"], inst["Ws"], inst["logits"], p, sol)
+    newton_lp = isinstance(solver, EntropicNewton) and objective == "sum_ce"
+    recs = rb.check_rows(objective, inst["dtype"], inst["Ws"], inst["logits"], p, sol, newton_lp)
     for kind, r in zip(inst["kinds"], recs):
         assert not r["errors"], (objective, inst["bucket"].name, inst["dtype"], inst["ldtype"], kind, r)
     # determinism: the same input gives bit-identical outputs

@@ -36,10 +36,16 @@ from jaxens.solvers.solution import Solution, Status
 
 
 class BottleneckState(NamedTuple):
-    """Warm starts carried between decoding steps (one per row)."""
+    """Warm starts carried between decoding steps (one per row), and the problem's arrays.
+
+    The problem rides in the state so that a compiled decode loop receives ``A``/``Q`` as
+    arguments: closing over them would bake ``v x D`` constants into the executable (slow
+    constant folding, one executable per ensemble).
+    """
 
     warm: Any  # solver-specific warm start pytree with a leading batch axis
     valid: Bool[Array, " B"]  # False before the first step
+    problem: BottleneckProblem
 
 
 def default_solver(objective: str):
@@ -177,8 +183,8 @@ def bottleneck(
             raise ValueError(f"rho must be a scalar or have shape ({n},), got {r.shape}")
         return r
 
-    def row(x, w, r, warm):
-        return solve_row(problem, objective, solver, x, w, r, warm, check_feasibility)
+    def row(prob, x, w, r, warm):
+        return solve_row(prob, objective, solver, x, w, r, warm, check_feasibility)
 
     def _warm_shape(batch: int, dtype):
         if _cold_warm(problem, objective, solver, dtype) is None or not warm_start:
@@ -186,12 +192,12 @@ def bottleneck(
         x = jax.ShapeDtypeStruct((n, problem.vocab_size), dtype)
         w = jax.ShapeDtypeStruct((n,), dtype)
         cold = _cold_warm(problem, objective, solver, dtype)
-        out = jax.eval_shape(lambda x, w, r: row(x, w, r, cold)[1], x, w, w)
+        out = jax.eval_shape(lambda x, w, r: row(problem, x, w, r, cold)[1], x, w, w)
         return jax.tree.map(lambda s: jnp.zeros((batch,) + s.shape, s.dtype), out)
 
     def init(batch_size: int) -> BottleneckState:
         dtype = problem.A.dtype
-        return BottleneckState(_warm_shape(batch_size, dtype), jnp.zeros((batch_size,), bool))
+        return BottleneckState(_warm_shape(batch_size, dtype), jnp.zeros((batch_size,), bool), problem)
 
     def combine(logits, state: BottleneckState | None):
         B, v = check_member_logits(logits, n)
@@ -206,9 +212,10 @@ def bottleneck(
         r = _rho(dtype)
         if state is None:
             state = init(B)
+        prob = state.problem
         cold = _cold_warm(problem, objective, solver, dtype)
         if cold is None or not warm_start:
-            sol, _ = jax.vmap(row, in_axes=(0, None, None, None))(x, w, r, cold)
+            sol, _ = jax.vmap(row, in_axes=(None, 0, None, None, None))(prob, x, w, r, cold)
             new_warm = ()
         else:
             warm = jax.tree.map(
@@ -216,14 +223,14 @@ def bottleneck(
                 state.warm,
                 cold,
             )
-            sol, new_warm = jax.vmap(row, in_axes=(0, None, None, 0))(x, w, r, warm)
+            sol, new_warm = jax.vmap(row, in_axes=(None, 0, None, None, 0))(prob, x, w, r, warm)
         p = sol.p
         if not (isinstance(lam, (int, float)) and lam == 0.0):
             d = jax.vmap(lambda xx: obj.row_data("kl", xx, w))(x)
             q = jax.nn.softmax(jax.vmap(obj.kl_prior)(d), axis=-1)
             p = (1.0 - lam) * p + lam * q
         logp = jnp.where(p > 0, jnp.log(jnp.where(p > 0, p, 1.0)), -jnp.inf)
-        return logp, BottleneckState(new_warm, jnp.ones((B,), bool)), sol
+        return logp, BottleneckState(new_warm, jnp.ones((B,), bool), prob), sol
 
     return Combiner(init, combine)
 
