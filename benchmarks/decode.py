@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--prompt-tokens", type=int, default=32, help="prompt length (tokens of alice29.txt)")
+    p.add_argument("--groups", nargs="+", default=["single", "ensemble", "bottleneck"],
+                   choices=("single", "ensemble", "bottleneck"), help="which rows to run")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--skip-bottleneck", action="store_true")
     p.add_argument("--bottleneck-model", choices=("small", "smollm2"), default="small",
@@ -161,7 +163,7 @@ def main():
     greedy = Sampler(greedy=True)
     single = Decoder([member], logit_average(), greedy)
     torch_model = None
-    if not a.skip_torch:
+    if not a.skip_torch and "single" in a.groups:
         import torch
         import transformers
 
@@ -172,7 +174,7 @@ def main():
         torch_model = transformers.AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=torch.float32
         ).eval()
-    for B in a.batch:
+    for B in a.batch if "single" in a.groups else ():
         steady, comp = timed(jax_decode_fn(single, ids, B, a.new_tokens), a.repeats)
         jrow = add("single", "jaxens", B, 1, steady, comp)
         if torch_model is not None:
@@ -198,7 +200,7 @@ def main():
     plain = Sampler()
     B = a.ens_batch
     avg_rows = {}
-    for n in sorted(a.members):
+    for n in sorted(a.members) if "ensemble" in a.groups else ():
         while len(members) < n:
             members.append(perturbed_copy(member, seed=len(members)))
         ms = members[:n]
@@ -219,7 +221,7 @@ def main():
                        me_eager_catchups=np.asarray(st.eager_catchups).tolist()))
 
     # ---- bottleneck vs logit averaging (n = 2, greedy)
-    if not a.skip_bottleneck:
+    if not a.skip_bottleneck and "bottleneck" in a.groups:
         if a.bottleneck_model == "smollm2":
             while len(members) < 2:
                 members.append(perturbed_copy(member, seed=len(members)))

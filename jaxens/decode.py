@@ -267,17 +267,22 @@ class Decoder:
 
         return forward
 
-    def _init_combiner_stats(self, B):
+    def _init_combiner_state(self, B):
+        """Built eagerly (outside ``jit``) and passed to the prefill as an argument, so arrays a
+        combiner keeps in its state (e.g. the bottleneck problem) ride in the loop carry instead of
+        being baked into the compiled program as constants (which XLA then constant-folds)."""
+        return () if self.is_me else self.combiner.init(B)
+
+    def _init_combiner_stats(self, B, cstate):
         n, V = len(self.members), self.vocab_size
         if self.is_me:
             return (), self.combiner.init_stats(n)
-        cstate = self.combiner.init(B)
         struct = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), cstate)
         dummy = [jax.ShapeDtypeStruct((B, V), jnp.float32)] * n
         _, _, info = jax.eval_shape(self.combiner.combine, dummy, struct)
         return cstate, _init_stats(info)
 
-    def _prefill(self, states, prompt, pad, max_new, stop, key, *, cache_len):
+    def _prefill(self, states, prompt, pad, max_new, stop, key, cstate, *, cache_len):
         self.num_traces["prefill"] += 1
         models = [nnx.merge(g, s) for g, s in zip(self._graphdefs, states)]
         B, L = prompt.shape
@@ -289,7 +294,7 @@ class Decoder:
             if L > 1:
                 _, cache = forward(j, L - 1, cache, jnp.int32(0))
             caches.append(cache)
-        cstate, stats = self._init_combiner_stats(B)
+        cstate, stats = self._init_combiner_stats(B, cstate)
         return DecodeState(
             step=jnp.int32(0),
             key=key,
@@ -419,7 +424,7 @@ class Decoder:
             key = jax.random.key(seed)
         state = self._prefill_jit(
             self._states, jnp.asarray(prompt), jnp.asarray(pad), jnp.asarray(max_new), jnp.asarray(stop), key,
-            cache_len=S,
+            self._init_combiner_state(B), cache_len=S,
         )
         return state, L
 
@@ -534,6 +539,13 @@ class BottleneckDecodeInfo(NamedTuple):
     gap: Float[Array, " B"]
 
 
+class BottleneckDecodeState(NamedTuple):
+    """The bottleneck combiner's warm starts and its problem (carried, not closed over)."""
+
+    inner: Any  # jaxens.combiners.bottleneck.BottleneckState
+    problem: Any  # jaxens.BottleneckProblem
+
+
 def _hard_members(hard: Any) -> Any:
     if hard is None or (isinstance(hard, str) and hard.lower() == "none"):
         return ()
@@ -598,10 +610,19 @@ def bottleneck_combiner(
     problem = make_problem(Ws, bs, hard=_hard_members(hard), soft=soft, dtype=dtype)
     if weights is not None:
         weights = jnp.asarray(weights, dtype)
-    inner = bottleneck(problem, objective, weights=weights, rho=rho, lam=lam, solver=solver, **options)
+    def build(prob):
+        return bottleneck(prob, objective, weights=weights, rho=rho, lam=lam, solver=solver, **options)
 
-    def combine(logits, state):
-        logp, state, sol = inner.combine(logits, state)
+    build(problem)  # validate the options now
+
+    def init(batch_size: int) -> BottleneckDecodeState:
+        # A fresh copy: the decode loop donates its state, and the problem must outlive a call.
+        return BottleneckDecodeState(build(problem).init(batch_size), jax.tree.map(jnp.copy, problem))
+
+    def combine(logits, state: BottleneckDecodeState):
+        # The problem comes from the state (an argument of the compiled loop), not the closure.
+        logp, inner, sol = build(state.problem).combine(logits, state.inner)
+        state = BottleneckDecodeState(inner, state.problem)
         info = BottleneckDecodeInfo(
             sol.status.astype(jnp.int32),
             sol.iterations.astype(jnp.float32),
@@ -610,7 +631,7 @@ def bottleneck_combiner(
         )
         return logp, state, info
 
-    return Combiner(inner.init, combine)
+    return Combiner(init, combine)
 
 
 def _register_builtin():

@@ -252,7 +252,7 @@ def test_bottleneck_sum_ce_tiny_llamas_reports_statuses():
     from jaxens.models.llama import Llama, LlamaConfig
     from jaxens.solvers.solution import Status
 
-    cfg = LlamaConfig.tiny(max_len=128)
+    cfg = LlamaConfig.tiny(max_len=128, d_model=32)  # v = 97 > 2 d + 1: the hard constraints are feasible
     ms = [Llama(cfg, rngs=nnx.Rngs(0)), Llama(cfg, rngs=nnx.Rngs(1))]
     comb = make_combiner("bottleneck-sum_ce", ms, hard="all")
     dec = Decoder(ms, comb, Sampler(greedy=True), cache_len=64)
@@ -261,7 +261,7 @@ def test_bottleneck_sum_ce_tiny_llamas_reports_statuses():
     assert out.lengths.tolist() == [6, 6] and out.tokens.shape == (2, 6)
     hist = out.stats.status
     assert hist.shape == (2, 8) and hist.sum(axis=1).tolist() == [6, 6]
-    assert hist[:, Status.NONFINITE_INPUT].sum() == 0 and hist[:, Status.NUMERICAL_ERROR].sum() == 0
+    assert hist[:, Status.SOLVED].sum() + hist[:, Status.MAX_ITERS].sum() == 12, hist
     assert np.all(np.isfinite(out.stats.primal_residual)) and np.all(out.stats.iterations >= 1)
     # the loop's first token is the argmax of the combiner applied to the members' prefill logits
     lp, _, _ = comb.combine(
