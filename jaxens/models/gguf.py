@@ -189,9 +189,6 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def gguf_to_hf(path: str | os.PathLike, *, progress: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
     """Dequantise a GGUF file into ``(transformers config dict, transformers-named float32 tensors)``."""
-    import gguf
-    from tqdm.auto import tqdm
-
     path = Path(path)
     reader = _open(path)
     try:
@@ -202,6 +199,21 @@ def gguf_to_hf(path: str | os.PathLike, *, progress: bool = True) -> tuple[dict,
             raise ValueError("no general.architecture key")
     except (KeyError, IndexError, UnicodeDecodeError) as e:
         raise ValueError(f"file {path} is truncated or not a GGUF: {type(e).__name__}: {e}") from e
+    try:
+        return _convert(path, reader, meta, n_vocab, arch, progress)
+    except (ValueError, KeyError, IndexError, TypeError, StopIteration) as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(
+            f"file {path}: {type(e).__name__}: {e} (the file is truncated, corrupt, or of an "
+            "architecture jaxens does not support)"
+        ) from e
+
+
+def _convert(path, reader, meta, n_vocab, arch, progress):
+    import gguf
+    from tqdm.auto import tqdm
+
     names = {t.name for t in reader.tensors}
     cfg = _hf_config(meta, names, n_vocab)
     if cfg["vocab_size"] == 0:
