@@ -87,7 +87,7 @@ def solve_row(
     check_feasibility: bool = True,
 ) -> tuple[Solution, Any]:
     """Solve one row.  Returns the solution and the next warm start."""
-    from jaxens.solvers.feasibility import least_squares
+    from jaxens.solvers.feasibility import default_feas_rtol, least_squares
 
     d = obj.row_data(objective, logits, weights)
     probs = jnp.exp(d.logp)
@@ -120,11 +120,19 @@ def solve_row(
     if problem.hard and check_feasibility and objective != "least_squares":
         # The feasibility verdict is piecewise constant; the least-squares fallback is returned
         # without a gradient (use the least_squares objective itself to differentiate it).
-        # Warm-started at the objective's answer: a feasible row stops at once (r ~ 0), an
-        # infeasible row runs to the least-squares optimum and its certificate.
-        ls = least_squares(
-            problem, jax.lax.stop_gradient(m), d.mask, p0=jax.lax.stop_gradient(sol.p)
-        )
+        # A row whose solver returned SOLVED with a small residual is feasible by witness (its
+        # own p); the least-squares phase then starts at that p with moments it satisfies
+        # exactly and stops at iteration 0.  Other rows run to the least-squares optimum and
+        # its certificate.  (Under vmap the loop runs as long as the slowest row, so rows
+        # that need no check must not iterate.)
+        p_ng = jax.lax.stop_gradient(sol.p)
+        m_ng = jax.lax.stop_gradient(m)
+        m_h = problem.hard_moments(m_ng)
+        feas_tol = default_feas_rtol(m_ng.dtype) * jnp.maximum(1.0, jnp.linalg.norm(m_h))
+        witnessed = (sol.status == Status.SOLVED) & (sol.primal_residual <= feas_tol)
+        m_ls = jnp.where(witnessed, p_ng @ problem.A, m_ng)
+        ls = least_squares(problem, m_ls, d.mask, p0=p_ng)
+        ls = ls._replace(status=jnp.where(witnessed, Status.SOLVED, ls.status).astype(ls.status.dtype))
         sol = _select(ls.status == Status.INFEASIBLE, ls, sol)
 
     fallback = sol._replace(
