@@ -539,13 +539,6 @@ class BottleneckDecodeInfo(NamedTuple):
     gap: Float[Array, " B"]
 
 
-class BottleneckDecodeState(NamedTuple):
-    """The bottleneck combiner's warm starts and its problem (carried, not closed over)."""
-
-    inner: Any  # jaxens.combiners.bottleneck.BottleneckState
-    problem: Any  # jaxens.BottleneckProblem
-
-
 def _hard_members(hard: Any) -> Any:
     if hard is None or (isinstance(hard, str) and hard.lower() == "none"):
         return ()
@@ -610,19 +603,17 @@ def bottleneck_combiner(
     problem = make_problem(Ws, bs, hard=_hard_members(hard), soft=soft, dtype=dtype)
     if weights is not None:
         weights = jnp.asarray(weights, dtype)
-    def build(prob):
-        return bottleneck(prob, objective, weights=weights, rho=rho, lam=lam, solver=solver, **options)
+    comb = bottleneck(problem, objective, weights=weights, rho=rho, lam=lam, solver=solver, **options)
 
-    build(problem)  # validate the options now
+    def init(batch_size: int):
+        # BottleneckState carries the problem (an argument of the compiled loop, not a baked
+        # constant).  A fresh copy: the decode loop donates its state, and the problem must
+        # outlive a call.
+        state = comb.init(batch_size)
+        return state._replace(problem=jax.tree.map(jnp.copy, state.problem))
 
-    def init(batch_size: int) -> BottleneckDecodeState:
-        # A fresh copy: the decode loop donates its state, and the problem must outlive a call.
-        return BottleneckDecodeState(build(problem).init(batch_size), jax.tree.map(jnp.copy, problem))
-
-    def combine(logits, state: BottleneckDecodeState):
-        # The problem comes from the state (an argument of the compiled loop), not the closure.
-        logp, inner, sol = build(state.problem).combine(logits, state.inner)
-        state = BottleneckDecodeState(inner, state.problem)
+    def combine(logits, state):
+        logp, state, sol = comb.combine(logits, state)
         info = BottleneckDecodeInfo(
             sol.status.astype(jnp.int32),
             sol.iterations.astype(jnp.float32),

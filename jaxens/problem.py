@@ -195,13 +195,6 @@ def make_problem(
             f"members {sorted(set(hard_t) & set(soft_t))} are both hard and soft; choose one"
         )
 
-    def cols(members):
-        out = []
-        for i in members:
-            s = sum(member_cols[:i])
-            out.append(A[:, s : s + member_cols[i]])
-        return np.concatenate(out, axis=1) if out else np.zeros((v, 0))
-
     # Everything from Gram matrices (D x D), never an SVD of a v x D matrix: at v = 49,152 and
     # D = 1,153 the Gram route takes seconds where the SVD takes many minutes.
     G = A.T @ A
