@@ -13,7 +13,16 @@ Prints a table and writes ``results/decode.json``.  Rows:
   with their final-norm weights perturbed by 5% (different distributions, identical cost);
 * ``bottleneck``: ``bottleneck-kl`` with hard constraints on all members and
   ``bottleneck-sum_ce`` vs logit averaging, ``n = 2``, greedy; by default on two random-init
-  Llamas (vocab 2048, d 128, 4 layers), ``--bottleneck-model smollm2`` for SmolLM2 copies.
+  Llamas (vocab 2048, d 128, 4 layers), ``--bottleneck-model smollm2`` for SmolLM2 copies, or
+  real-sized members named on the command line, e.g.
+
+      python benchmarks/decode.py --groups bottleneck --bottleneck-members smollm2-135m random:49152:256:4
+      python benchmarks/decode.py --groups bottleneck --bottleneck-members smollm2-135m smollm2-tiny-128
+
+  A member spec is a zoo name (``smollm2-135m``, the trained ``smollm2-tiny-64/128/256``, ...),
+  a Hugging Face directory or ``.gguf`` file, ``perturbed:SEED`` (SmolLM2-135M with perturbed
+  final-norm weights) or ``random:VOCAB:D:LAYERS`` (a random-init Llama; vocab 49152 shares
+  SmolLM2's tokenizer).  ``--ensemble-members`` takes the same specs for the ensemble rows.
 
 Timings exclude compilation: each configuration is run once to compile (its wall time minus
 the steady-state time is reported as ``compile_s``), then ``--repeats`` times; the median is
@@ -49,6 +58,12 @@ def parse_args(argv=None):
     p.add_argument("--bottleneck-model", choices=("small", "smollm2"), default="small",
                    help="members of the bottleneck rows: two random-init Llamas (vocab 2048, d 128, 4 layers) "
                    "or SmolLM2-135M and a perturbed copy (make_problem on v=49152 takes many minutes on CPU)")
+    p.add_argument("--bottleneck-members", nargs="+", default=None, metavar="SPEC",
+                   help="member specs for the bottleneck rows (overrides --bottleneck-model): zoo names, HF dirs, "
+                   ".gguf files, perturbed:SEED, random:VOCAB:D:LAYERS")
+    p.add_argument("--ensemble-members", nargs="+", default=None, metavar="SPEC",
+                   help="member specs for the ensemble rows (default: smollm2-135m + perturbed copies)")
+    p.add_argument("--max-pending", type=int, default=8, help="ME max_pending")
     p.add_argument("--data", default="/work/shared/data/alice29.txt")
     p.add_argument("--out", default="results/decode.json")
     a = p.parse_args(argv)
@@ -114,6 +129,35 @@ def perturbed_copy(member, seed: int, scale: float = 0.05):
     rng = np.random.default_rng(seed)
     params["final_norm"] = params["final_norm"] * (1.0 + scale * rng.standard_normal(params["final_norm"].shape))
     return Llama(member.config, {k: jnp.asarray(v, jnp.float32) for k, v in params.items()})
+
+
+def member_from_spec(spec: str, base):
+    """A member from a command-line spec (see the module doc); ``base`` is SmolLM2-135M."""
+    from flax import nnx
+
+    from jaxens.models import zoo
+    from jaxens.models.llama import Llama, LlamaConfig
+
+    if spec.startswith("perturbed:"):
+        return perturbed_copy(base, seed=int(spec.split(":")[1])), spec
+    if spec.startswith("random:"):
+        vocab, d, layers = (int(x) for x in spec.split(":")[1:4])
+        heads = max(1, d // 64)
+        cfg = LlamaConfig(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads, n_kv_heads=heads,
+                          d_ff=3 * d, head_dim=d // heads)
+        return Llama(cfg, rngs=nnx.Rngs(layers)), f"random-init {cfg}"
+    if spec in ("smollm2-135m", "smollm2"):
+        return base, "SmolLM2-135M-Instruct"
+    path = Path(spec)
+    if path.suffix == ".gguf" and path.is_file():
+        from jaxens.models.gguf import load_gguf
+
+        return load_gguf(path), spec
+    if path.is_dir():
+        from jaxens.models.loading import load_hf_dir
+
+        return load_hf_dir(path), spec
+    return zoo.load_model(spec, progress=False), f"zoo {spec}"
 
 
 def main():
@@ -197,6 +241,10 @@ def main():
 
     # ---- ensembles: logit averaging vs ME
     members = [member]
+    if a.ensemble_members:
+        members, notes = zip(*(member_from_spec(s, member) for s in a.ensemble_members))
+        members = list(members)
+        info["members_note"] = "; ".join(notes)
     plain = Sampler()
     B = a.ens_batch
     avg_rows = {}
@@ -204,11 +252,12 @@ def main():
         while len(members) < n:
             members.append(perturbed_copy(member, seed=len(members)))
         ms = members[:n]
-        avg = Decoder(ms, logit_average(), plain)
+        vocab = min(m.config.vocab_size for m in ms)
+        avg = Decoder(ms, logit_average(), plain, vocab_size=vocab)
         steady, comp = timed(jax_decode_fn(avg, ids, B, a.new_tokens), a.repeats)
         arow = add("ensemble", "logit_average", B, n, steady, comp)
         avg_rows[n] = arow
-        mix = Decoder(ms, me(), plain)
+        mix = Decoder(ms, me(max_pending=a.max_pending), plain, vocab_size=vocab)
         out_holder = {}
 
         def run_me(mix=mix):
@@ -222,7 +271,13 @@ def main():
 
     # ---- bottleneck vs logit averaging (n = 2, greedy)
     if not a.skip_bottleneck and "bottleneck" in a.groups:
-        if a.bottleneck_model == "smollm2":
+        if a.bottleneck_members:
+            ms, notes = zip(*(member_from_spec(s, member) for s in a.bottleneck_members))
+            ms = list(ms)
+            info["bottleneck_members"] = "; ".join(notes)
+            vocab = min(m.config.vocab_size for m in ms)
+            bids = [t % vocab for t in ids]
+        elif a.bottleneck_model == "smollm2":
             while len(members) < 2:
                 members.append(perturbed_copy(member, seed=len(members)))
             ms = members[:2]
@@ -236,14 +291,15 @@ def main():
             ms = [Llama(cfg, rngs=nnx.Rngs(i)) for i in range(2)]
             info["bottleneck_members"] = f"2 random-init Llamas {cfg}"
             bids = [t % cfg.vocab_size for t in ids]
-        avg = Decoder(ms, logit_average(), greedy)
+        bvocab = min(m.config.vocab_size for m in ms)
+        avg = Decoder(ms, logit_average(), greedy, vocab_size=bvocab)
         steady, comp = timed(jax_decode_fn(avg, bids, B, a.new_tokens), a.repeats)
         base = add("bottleneck", "logit_average (greedy)", B, 2, steady, comp)
         for name, opts in (("bottleneck-kl", dict(hard="all")), ("bottleneck-sum_ce", dict(hard="all"))):
             t = time.perf_counter()
-            comb = make_combiner(name, ms, **opts)
+            comb = make_combiner(name, ms, vocab_size=bvocab, **opts)
             build = time.perf_counter() - t
-            dec = Decoder(ms, comb, greedy)
+            dec = Decoder(ms, comb, greedy, vocab_size=bvocab)
             holder = {}
 
             def run_b(dec=dec):

@@ -100,6 +100,7 @@ def main(argv=None):
     ap.add_argument("--topk", type=int, default=2048, help="Newton Hessian over the top-k tokens by mass")
     ap.add_argument("--highs-time-limit", type=float, default=1800.0,
                     help="seconds per HiGHS row; a row that hits it makes every ratio a lower bound (printed as >=)")
+    ap.add_argument("--solvers", default="newton,admm", help="jaxens solvers to time (comma-separated: newton, admm)")
     ap.add_argument("--out", default="results/solvers.json")
     args = ap.parse_args(argv)
     if args.full:
@@ -109,6 +110,10 @@ def main(argv=None):
         "jaxens-newton": ("newton", EntropicNewton(eps_min=args.eps_min, max_iters=60, hessian_topk=args.topk)),
         "jaxens-admm": ("admm", ADMM()),
     }
+    wanted = {f"jaxens-{s.strip()}" for s in args.solvers.split(",") if s.strip()}
+    if not wanted or not wanted <= set(jaxens_solvers):
+        ap.error(f"--solvers must name some of newton, admm; got {args.solvers!r}")
+    jaxens_solvers = {k: v for k, v in jaxens_solvers.items() if k in wanted}
     rows = []
     for v in args.v:
         for nd in args.nd:

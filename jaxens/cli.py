@@ -108,10 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--soft", type=int, nargs="+", metavar="I", help="members entering as soft penalties")
     b.add_argument("--rho", type=float, nargs="+", help="soft-constraint strength (one value or one per member)")
     b.add_argument("--lam", type=float, default=0.0, help="smoothing weight towards the logit average, in [0, 1]")
+    g.add_argument("--vocab-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="option of a cross-tokenizer method (gac, unite, deepen, safe; me across tokenizers)")
     g.add_argument("--chunk-steps", type=int, default=4, help="steps between streamed outputs")
     g.add_argument("--stats", action="store_true", help="print timing and combiner diagnostics to stderr")
     g.add_argument("--list-combiners", action="store_true", help="print the registered combiners and exit")
     g.set_defaults(func=cmd_generate)
+    from jaxens.train import add_train_parser  # `jaxens train` (jaxens/train.py)
+
+    add_train_parser(sub)
+    from jaxens.evaluate import add_eval_parser  # `jaxens eval` (jaxens/evaluate.py)
+
+    add_eval_parser(sub)
     return parser
 
 
@@ -164,6 +172,10 @@ def cmd_generate(args, out=None, err=None) -> int:
     if args.list_combiners:
         out.write("\n".join(sorted(COMBINERS)) + "\n")
         return 0
+    from jaxens.vocab.cli import cross_generate_cli, wants_cross  # cross-tokenizer methods (jaxens.vocab)
+
+    if wants_cross(args):
+        return cross_generate_cli(args, out, err)
     if args.combiner not in COMBINERS:
         raise ValueError(f"unknown combiner {args.combiner!r}; known combiners: {', '.join(sorted(COMBINERS))}")
     if args.weights is not None and len(args.weights) != len(args.member):
@@ -173,6 +185,8 @@ def cmd_generate(args, out=None, err=None) -> int:
     prompts = _read_prompts(args)
     loaded = [load_member(m, args.dtype) for m in args.member]
     members = [m for m, _ in loaded]
+    if wants_cross(args, loaded):
+        return cross_generate_cli(args, out, err, loaded)
     tok = loaded[0][1]
     ids = [_encode(tok, p) for p in prompts]
     for i, p in enumerate(prompts):

@@ -45,7 +45,8 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jaxens.combiners.base import Combiner
 from jaxens.mixture import MixtureEnsemble, me_step
-from jaxens.models.base import KVCache
+from jaxens.models.base import KVCache, accepts_logits_keyword
+from jaxens.models.layers import select_positions
 from jaxens.sampling import Sampler
 
 STATUS_BINS = 8  # integer diagnostics (e.g. solver Status codes) are histogrammed over 0..7
@@ -248,6 +249,7 @@ class Decoder:
         split = [nnx.split(m) for m in members]
         self._graphdefs = tuple(g for g, _ in split)
         self._states = tuple(s for _, s in split)
+        self._logits_kw = tuple(accepts_logits_keyword(m) for m in members)
         self.num_traces = {"prefill": 0, "run": 0}
         self._prefill_jit = jax.jit(self._prefill, static_argnames=("cache_len",))
         self._run_jit = jax.jit(self._run, donate_argnums=(1,))
@@ -259,11 +261,17 @@ class Decoder:
         kv_mask = jnp.arange(S)[None, :] >= pad[:, None]
         V = self.vocab_size
 
-        def forward(j: int, T: int, cache: KVCache, start):
+        def forward(j: int, T: int, cache: KVCache, start, logits="all"):
+            """Member ``j`` on slots ``[start, start + T)``; ``logits`` as in ``models/base.py``."""
             toks = jax.lax.dynamic_slice_in_dim(tokens, start, T, axis=1)
             pos = jnp.maximum(start + jnp.arange(T, dtype=jnp.int32)[None, :] - pad[:, None], 0)
-            logits, cache = models[j](toks, pos.astype(jnp.int32), cache, jnp.asarray(start, jnp.int32), kv_mask)
-            return logits[..., :V], cache
+            args = (toks, pos.astype(jnp.int32), cache, jnp.asarray(start, jnp.int32), kv_mask)
+            if self._logits_kw[j]:
+                out, cache = models[j](*args, logits=logits)
+            else:  # a member without the optional keyword: full logits, then select
+                out, cache = models[j](*args)
+                out = select_positions(out, logits)
+            return (None if out is None else out[..., :V]), cache
 
         return forward
 
@@ -291,8 +299,8 @@ class Decoder:
         caches = []
         for j, m in enumerate(models):
             cache = m.init_cache(B, cache_len, self.cache_dtype)
-            if L > 1:
-                _, cache = forward(j, L - 1, cache, jnp.int32(0))
+            if L > 1:  # the prompt minus its last token: cache only, no logits
+                _, cache = forward(j, L - 1, cache, jnp.int32(0), logits="none")
             caches.append(cache)
         cstate, stats = self._init_combiner_stats(B, cstate)
         return DecodeState(
@@ -328,7 +336,7 @@ class Decoder:
             key, k_tok = jax.random.split(s.key)
             logits, caches = [], []
             for j in range(len(models)):
-                l, c = forward(j, 1, s.caches[j], s.length - 1)
+                l, c = forward(j, 1, s.caches[j], s.length - 1, logits="last")
                 logits.append(l[:, 0])
                 caches.append(c)
             caches = tuple(caches)

@@ -20,11 +20,16 @@ chunked prefill over all its pending tokens at once (a forward of ``T = 2^m >= p
 tokens, the smallest of the static chunk sizes ``1, 2, 4, ..., max_pending``; the extra
 positions of the chunk write garbage into future slots which are overwritten before any real
 query can attend to them), and its logits at the last pending token give the step's
-distribution.  The pending buffer is bounded: a member whose pending count reaches
-``max_pending`` at the start of a step is caught up *eagerly* in that step even though it was not
-drawn (its logits are discarded), so no member ever needs a chunk longer than ``max_pending``
-and the cache needs only ``max_pending`` slots of slack.  Eager catch-ups cost an extra forward
-of ``max_pending`` tokens for members with small weights; they are counted in the statistics.
+distribution (members that accept the ``logits=`` keyword of :mod:`jaxens.models.base`
+unembed only that one position).  The pending buffer is bounded: a member whose pending count
+reaches ``max_pending`` at the start of a step is caught up *eagerly* in that step even though
+it was not drawn (a forward of ``max_pending`` tokens that computes no logits at all, only the
+cache update), so no member ever needs a chunk longer than ``max_pending`` and the cache needs
+only ``max_pending`` slots of slack.  Eager catch-ups are counted in the statistics.
+
+**Cost.**  Each member is a ``lax.switch`` over {skip, eager catch-up, chunk of each size}
+whose index depends only on the drawn member and the pending counts (shared by the whole
+batch), so a member that is neither drawn nor full runs nothing in that step.
 
 **Truncating samplers are not exact under ME.**  Sampling token :math:`j` from
 :math:`\hat p_{i}` with probability :math:`w_i` reproduces the mixture only for *plain*
@@ -157,8 +162,9 @@ def me(
     return MixtureEnsemble(weights, temperature, max_pending, per_member_truncation)
 
 
-# forward(member_index, chunk_length (static), cache, start_slot) -> (logits (B, T, v), cache)
-Forward = Callable[[int, int, Any, Int[Array, ""]], tuple[Float[Array, "B T v"], Any]]
+# forward(member_index, chunk_length (static), cache, start_slot, logits=...) -> (logits, cache), with
+# ``logits`` as in jaxens/models/base.py: "all" -> (B, T, v), an int t -> (B, 1, v) at t, "none" -> None
+Forward = Callable[..., tuple[Float[Array, "B T v"] | None, Any]]
 
 
 def me_step(
@@ -185,22 +191,27 @@ def me_step(
     new_caches, outs, processed, eager, new_cached = [], [], [], [], []
     for j in range(n):
         pending = length - cached[j]
-        run = (drawn == j) | (pending >= P)
+        is_drawn = drawn == j
+        run = is_drawn | (pending >= P)
         size_index = sum((pending > s).astype(jnp.int32) for s in sizes[:-1]) if len(sizes) > 1 else 0
-        branch = jnp.where(run, 1 + size_index, 0)
+        # 0: skip (nothing runs), 1: eager catch-up (no logits), 2 + k: drawn, chunk sizes[k]
+        branch = jnp.where(is_drawn, 2 + size_index, jnp.where(run, 1, 0))
 
         def skip(cache):
             return jnp.zeros(out_shape, jnp.float32), cache
 
+        def catch_up(cache, j=j):
+            _, cache = forward(j, P, cache, cached[j], logits="none")
+            return jnp.zeros(out_shape, jnp.float32), cache
+
         def make_chunk(T, j=j, pending=pending):
             def chunk(cache):
-                logits, cache = forward(j, T, cache, cached[j])
-                last = jax.lax.dynamic_index_in_dim(logits, pending - 1, axis=1, keepdims=False)
-                return last.astype(jnp.float32), cache
+                logits, cache = forward(j, T, cache, cached[j], logits=pending - 1)
+                return logits[:, 0].astype(jnp.float32), cache
 
             return chunk
 
-        out, cache = jax.lax.switch(branch, [skip] + [make_chunk(T) for T in sizes], caches[j])
+        out, cache = jax.lax.switch(branch, [skip, catch_up] + [make_chunk(T) for T in sizes], caches[j])
         new_caches.append(cache)
         outs.append(out)
         processed.append(jnp.where(run, pending, 0))

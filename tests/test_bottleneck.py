@@ -1,8 +1,11 @@
 """The bottleneck combiner end to end: every objective against a reference solver (float64).
 
-Instances: members i with unembeddings W_i and logits l_i = W_i h_i whose softmax is the
+Instances: members i with unembeddings W_i and logits l_i = W_i h_i + e_i whose softmax is the
 maximum-entropy fit of a common "true" p* (so A_i^T p_hat_i = A_i^T p* and the exact problem is
-feasible), fitted with scipy; infeasible instances use members with independent h_i and are
+feasible), fitted with scipy.  The fixed offsets e_i matter: with exact logits W_i h_i (+ a bias
+column in A) the cost -sum_i p.log p_hat_i = -sum_i h_i^T W_i^T p + const is *constant* on the
+all-hard feasible set, so every feasible p would be optimal for sum_ce / sum_sq_ce and the
+comparison with HiGHS would test nothing. infeasible instances use members with independent h_i and are
 checked against HiGHS's verdict.  References: HiGHS (LPs), cvxpy/Clarabel (QP, entropic,
 log objectives).  Tolerances: objective within 1e-4 relative, ||A^T p - m||_inf <= 1e-5.
 """
@@ -28,12 +31,13 @@ def _lse(x):
     return mx + np.log(np.sum(np.exp(x - mx)))
 
 
-def _fit(W, target):
-    """h maximising the entropy of softmax(W h) subject to W^T softmax(W h) = W^T target."""
+def _fit(W, target, e=None):
+    """h maximising the entropy of softmax(W h + e) subject to W^T softmax(W h + e) = W^T target."""
     mt = W.T @ target
+    e = np.zeros(W.shape[0]) if e is None else e
 
     def f(h):
-        lg = W @ h
+        lg = W @ h + e
         return _lse(lg) - h @ mt, W.T @ np.exp(lg - _lse(lg)) - mt
 
     return minimize(f, np.zeros(W.shape[1]), jac=True, method="BFGS", options=dict(gtol=1e-12, maxiter=5000)).x
@@ -44,7 +48,8 @@ def feasible_instance(seed):
     Ws = [rng.normal(size=(V, d)) for d in DIMS]
     t = 2.0 * rng.normal(size=V)
     pstar = np.exp(t - _lse(t))
-    logits = [W @ _fit(W, pstar) for W in Ws]
+    es = [rng.normal(size=V) for _ in Ws]
+    logits = [W @ _fit(W, pstar, e) + e for W, e in zip(Ws, es)]
     return Ws, logits, pstar
 
 
@@ -87,6 +92,10 @@ def test_sum_ce_matches_highs(seed):
     b = np.concatenate([W.T @ q for W, q in zip(Ws, probs)] + [[1.0]])
     ref = linprog(c, A_eq=A.T, b_eq=b, bounds=(0, None), method="highs")
     assert ref.status == 0
+    # the instance is not degenerate: the cost varies over the feasible set by far more than the
+    # tolerance, so a solver returning an arbitrary feasible point fails this test
+    worst = linprog(-c, A_eq=A.T, b_eq=b, bounds=(0, None), method="highs")
+    assert -worst.fun - ref.fun > 1e-2 * abs(ref.fun)
     P, p, sol, _ = _solve(Ws, logits, "sum_ce")
     assert int(sol.status[0]) == Status.SOLVED
     assert abs(c @ p - ref.fun) <= 1e-4 * abs(ref.fun)

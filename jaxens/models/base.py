@@ -15,12 +15,22 @@ A member is a Flax NNX module.  The decode loop, ME and the combiners use only t
   ``kv_mask[b, s]`` (and, for sliding-window layers, ``cache_index + t - s < window``).
 * returns ``logits``: ``float32[B, T, V]`` and the cache with the new keys/values written.
 
+Optionally (the built-in families do; :func:`accepts_logits_keyword` tells), a member takes a
+keyword ``logits`` that says which positions need logits, so the unembedding (``V × d`` per
+position, ~20% of SmolLM2-135M's FLOPs per token) runs only where they are used:
+
+* ``logits="all"`` (default): ``[B, T, V]`` as above;
+* ``logits="last"``: ``[B, 1, V]``, query ``T − 1`` only (the next-token distribution);
+* ``logits=t`` (int scalar, may be traced): ``[B, 1, V]`` at query ``t`` (ME catch-up chunks);
+* ``logits="none"``: ``None``, only the cache update (prefill, eager ME catch-ups).
+
 Every member also exposes ``unembedding() -> (W[V, d], b[V] | None)`` for the bottleneck
 combiner, ``config`` (with ``vocab_size``) and ``init_cache(batch, max_len, dtype)``.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple, Protocol
 
 from jaxtyping import Array, Bool, Float, Int
@@ -48,3 +58,12 @@ class Member(Protocol):
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache: ...
 
     def unembedding(self) -> tuple[Float[Array, "V d"], Float[Array, " V"] | None]: ...
+
+
+def accepts_logits_keyword(member) -> bool:
+    """Whether ``member(...)`` takes the optional ``logits=`` keyword (see the module doc)."""
+    try:
+        params = inspect.signature(type(member).__call__).parameters
+    except (TypeError, ValueError):
+        return False
+    return "logits" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

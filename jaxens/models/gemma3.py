@@ -11,7 +11,8 @@ on the input ``x_0 = √d · E[token]``; logits are ``E n_f(x_L)`` (tied), softc
 ``query_pre_attn_scalar^{-1/2}`` and grouped-query heads.  Layers alternate between local
 (sliding window ``w``: query ``t`` sees keys ``s`` with ``t − s < w``, RoPE base ``rope_local_base``)
 and global ones (full causal, RoPE base ``rope_global_base``, optionally linearly scaled), by
-``layer_types``.  Matches ``transformers``' ``Gemma3ForCausalLM``.
+``layer_types``.  Layers run as an unrolled loop over per-layer weights by default,
+``scan_layers=True`` stacks them and runs one ``lax.scan``.  Matches ``transformers``' ``Gemma3ForCausalLM``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Gemma3Config:
     rms_eps: float = 1e-6
     max_len: int = 32768
     dtype: str = "float32"
+    scan_layers: bool = False  # stacked weights + lax.scan instead of an unrolled layer loop
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
@@ -256,12 +258,12 @@ class Gemma3(nnx.Module):
         self.config = config
         self.embed = nnx.Param(jnp.asarray(params["embed"], dt))
         self.final_norm = nnx.Param(jnp.asarray(params["final_norm"], dt))
-        self.layers = nnx.Dict({n.split("/", 1)[1]: nnx.Param(jnp.asarray(v, dt))
-                                for n, v in params.items() if n.startswith("layers/")})
+        self.layers = ly.store_layers({n.split("/", 1)[1]: v for n, v in params.items() if n.startswith("layers/")},
+                                      config.scan_layers, dt)
 
     def params_numpy(self) -> dict[str, np.ndarray]:
         out = {"embed": self.embed[...], "final_norm": self.final_norm[...]}
-        out.update({f"layers/{k}": v[...] for k, v in self.layers.items()})
+        out.update({f"layers/{k}": v for k, v in ly.stacked_layers(self.layers).items()})
         return {k: np.asarray(jnp.asarray(v, jnp.float32)) for k, v in out.items()}
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
@@ -280,7 +282,10 @@ class Gemma3(nnx.Module):
         cache: KVCache,
         cache_index: Int[Array, ""],
         kv_mask: Bool[Array, "B S"],
-    ) -> tuple[Float[Array, "B T V"], KVCache]:
+        *,
+        logits="all",
+    ) -> tuple[Float[Array, "B T V"] | None, KVCache]:
+        """The member contract (:mod:`jaxens.models.base`); ``logits``: see ``layers.LOGITS_DOC``."""
         c = self.config
         ly.check_inputs(tokens, positions, cache, kv_mask, c.n_layers, c.n_kv_heads, c.head_dim)
         b, t = tokens.shape
@@ -291,30 +296,32 @@ class Gemma3(nnx.Module):
         cos_l, sin_l = ly.rope_angles(positions, ly.rope_inv_freq(c.head_dim, c.rope_local_base))
         mask_g = ly.attention_mask(t, cache_index, kv_mask)
         mask_l = ly.attention_mask(t, cache_index, kv_mask, window=c.sliding_window)
-        is_global = jnp.asarray([lt == "full_attention" for lt in c.layer_types])
+        is_global = [lt == "full_attention" for lt in c.layer_types]
         scale = c.query_pre_attn_scalar**-0.5
-        lp = {k: v[...] for k, v in self.layers.items()}
         norm = lambda x, w: ly.rms_norm(x, w, c.rms_eps, plus_one=True)  # noqa: E731
 
-        def layer(x, xs):
-            p, g, kc, vc = xs
-            cos, sin = jnp.where(g, cos_g, cos_l), jnp.where(g, sin_g, sin_l)
-            mask = jnp.where(g, mask_g, mask_l)
+        def layer(x, p, kc, vc, li, g):
+            cos, sin = ly.select(g, cos_g, cos_l), ly.select(g, sin_g, sin_l)
+            mask = ly.select(g, mask_g, mask_l)
             h = norm(x, p["attn_norm"])
             q = norm((h @ p["wq"]).reshape(b, t, c.n_heads, c.head_dim), p["q_norm"])
             k = norm((h @ p["wk"]).reshape(b, t, c.n_kv_heads, c.head_dim), p["k_norm"])
             v = (h @ p["wv"]).reshape(b, t, c.n_kv_heads, c.head_dim)
             q, k = ly.apply_rope(q, cos, sin), ly.apply_rope(k, cos, sin)
-            a, kc, vc = ly.cached_attention(q, k, v, kc, vc, cache_index, mask, scale, c.attn_logit_softcap)
+            a, kc, vc = ly.cached_attention(q, k, v, kc, vc, cache_index, mask, scale, c.attn_logit_softcap,
+                                            layer=li)
             x = x + norm(a.reshape(b, t, -1) @ p["wo"], p["post_attn_norm"])
             h = norm(x, p["pre_mlp_norm"])
             m = (ly.gelu_tanh(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
             x = x + norm(m, p["post_mlp_norm"])
-            return x, (kc, vc)
+            return x, kc, vc
 
-        x, (k_all, v_all) = jax.lax.scan(layer, x, (lp, is_global, cache.k, cache.v))
+        x, cache = ly.run_layers(layer, x, self.layers, cache, per_layer=is_global)
+        x = ly.select_positions(x, logits)
+        if x is None:
+            return None, cache
         x = norm(x, self.final_norm[...])
         logits = jnp.einsum("btd,vd->btv", x, emb, preferred_element_type=jnp.float32)
         if c.final_logit_softcap is not None:
             logits = jnp.tanh(logits / c.final_logit_softcap) * c.final_logit_softcap
-        return logits, KVCache(k_all, v_all)
+        return logits, cache

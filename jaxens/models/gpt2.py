@@ -36,6 +36,7 @@ class GPT2Config:
     max_len: int = 1024
     ln_eps: float = 1e-5
     dtype: str = "float32"
+    scan_layers: bool = False  # stacked weights + lax.scan instead of an unrolled layer loop
 
     def __post_init__(self):
         if self.d_ff is None:
@@ -181,12 +182,12 @@ class GPT2(nnx.Module):
         dt = ly.DTYPES[config.dtype]
         self.config = config
         self.top = nnx.Dict({n: nnx.Param(jnp.asarray(v, dt)) for n, v in params.items() if "/" not in n})
-        self.layers = nnx.Dict({n.split("/", 1)[1]: nnx.Param(jnp.asarray(v, dt))
-                                for n, v in params.items() if n.startswith("layers/")})
+        self.layers = ly.store_layers({n.split("/", 1)[1]: v for n, v in params.items() if n.startswith("layers/")},
+                                      config.scan_layers, dt)
 
     def params_numpy(self) -> dict[str, np.ndarray]:
         out = {k: v[...] for k, v in self.top.items()}
-        out.update({f"layers/{k}": v[...] for k, v in self.layers.items()})
+        out.update({f"layers/{k}": v for k, v in ly.stacked_layers(self.layers).items()})
         return {k: np.asarray(jnp.asarray(v, jnp.float32)) for k, v in out.items()}
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
@@ -205,7 +206,10 @@ class GPT2(nnx.Module):
         cache: KVCache,
         cache_index: Int[Array, ""],
         kv_mask: Bool[Array, "B S"],
-    ) -> tuple[Float[Array, "B T V"], KVCache]:
+        *,
+        logits="all",
+    ) -> tuple[Float[Array, "B T V"] | None, KVCache]:
+        """The member contract (:mod:`jaxens.models.base`); ``logits``: see ``layers.LOGITS_DOC``."""
         c = self.config
         ly.check_inputs(tokens, positions, cache, kv_mask, c.n_layers, c.n_heads, c.head_dim)
         b, t = tokens.shape
@@ -213,21 +217,21 @@ class GPT2(nnx.Module):
         x = top["embed"][tokens] + top["pos_embed"][jnp.clip(positions, 0, c.max_len - 1)]
         mask = ly.attention_mask(t, cache_index, kv_mask)
         scale = c.head_dim**-0.5
-        lp = {k: v[...] for k, v in self.layers.items()}
 
-        def layer(x, xs):
-            p, kc, vc = xs
+        def layer(x, p, kc, vc, li, _):
             h = ly.layer_norm(x, p["ln1_w"], p["ln1_b"], c.ln_eps)
             q, k, v = jnp.split(h @ p["w_qkv"] + p["b_qkv"], 3, axis=-1)
             shp = (b, t, c.n_heads, c.head_dim)
             a, kc, vc = ly.cached_attention(q.reshape(shp), k.reshape(shp), v.reshape(shp), kc, vc,
-                                            cache_index, mask, scale)
+                                            cache_index, mask, scale, layer=li)
             x = x + a.reshape(b, t, -1) @ p["w_o"] + p["b_o"]
             h = ly.layer_norm(x, p["ln2_w"], p["ln2_b"], c.ln_eps)
             x = x + ly.gelu_tanh(h @ p["w_fc"] + p["b_fc"]) @ p["w_proj"] + p["b_proj"]
-            return x, (kc, vc)
+            return x, kc, vc
 
-        x, (k_all, v_all) = jax.lax.scan(layer, x, (lp, cache.k, cache.v))
+        x, cache = ly.run_layers(layer, x, self.layers, cache)
+        x = ly.select_positions(x, logits)
+        if x is None:
+            return None, cache
         x = ly.layer_norm(x, top["ln_f_w"], top["ln_f_b"], c.ln_eps)
-        logits = jnp.einsum("btd,vd->btv", x, top["embed"], preferred_element_type=jnp.float32)
-        return logits, KVCache(k_all, v_all)
+        return jnp.einsum("btd,vd->btv", x, top["embed"], preferred_element_type=jnp.float32), cache

@@ -20,6 +20,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 NEG_INF = -1e30
@@ -128,12 +130,36 @@ def cached_attention(
     mask: Bool[Array, "B T S"],
     scale: float,
     softcap: float | None = None,
-) -> tuple[Float[Array, "B T N H"], Float[Array, "B S K H"], Float[Array, "B S K H"]]:
-    """Write the new keys/values at ``cache_index`` and attend over the whole cache (GQA)."""
+    layer: int | None = None,
+) -> tuple[Float[Array, "B T N H"], Array, Array]:
+    """Write the new keys/values at ``cache_index`` and attend over the whole cache (GQA).
+
+    With ``layer=None`` the caches are one layer's ``[B, S, K, H]``; with an int ``layer`` they are
+    the stacked ``[L, B, S, K, H]`` caches, updated in place at that layer (unrolled layers).
+    """
     zero = jnp.zeros((), jnp.int32)
     idx = (zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k_new.astype(k_cache.dtype), idx)
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v_new.astype(v_cache.dtype), idx)
+    if layer is None:
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k_new.astype(k_cache.dtype), idx)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v_new.astype(v_cache.dtype), idx)
+        k_l, v_l = k_cache, v_cache
+    else:
+        idx = (jnp.int32(layer),) + idx
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k_new[None].astype(k_cache.dtype), idx)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v_new[None].astype(v_cache.dtype), idx)
+        k_l, v_l = k_cache[layer], v_cache[layer]
+    return attend(q, k_l, v_l, mask, scale, softcap), k_cache, v_cache
+
+
+def attend(
+    q: Float[Array, "B T N H"],
+    k_cache: Float[Array, "B S K H"],
+    v_cache: Float[Array, "B S K H"],
+    mask: Bool[Array, "B T S"],
+    scale: float,
+    softcap: float | None = None,
+) -> Float[Array, "B T N H"]:
+    """Masked grouped-query attention of ``q`` over every cache slot."""
     b, t, n, h = q.shape
     kh = k_cache.shape[2]
     qg = q.reshape(b, t, kh, n // kh, h)
@@ -144,4 +170,84 @@ def cached_attention(
     scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v_cache.astype(q.dtype))
-    return out.reshape(b, t, n, h), k_cache, v_cache
+    return out.reshape(b, t, n, h)
+
+
+# --- layer storage and the layer loop shared by the families ------------------------------------
+#
+# ``scan_layers=False`` (default): one parameter dict per layer (``nnx.List``) and an unrolled Python
+# loop over the layers, writing each layer's keys/values into the stacked cache in place.  On CPU
+# this is ~30% faster than ``lax.scan`` over stacked weights (the scan slices every layer's weights
+# out of the stack on each iteration); it compiles more slowly (one copy of the layer per layer).
+# ``scan_layers=True``: stacked ``[L, ...]`` weights and one ``lax.scan`` (fast compiles).
+
+
+def store_layers(stacked: dict, scan: bool, dtype):
+    """Per-layer weights from ``{name: [L, ...]}``: stacked (scan) or one dict per layer (unrolled)."""
+    if scan:
+        return nnx.Dict({n: nnx.Param(jnp.asarray(v, dtype)) for n, v in stacked.items()})
+    n_layers = len(next(iter(stacked.values())))
+    return nnx.List([nnx.Dict({n: nnx.Param(jnp.asarray(v[i], dtype)) for n, v in stacked.items()})
+                     for i in range(n_layers)])
+
+
+def stacked_layers(layers) -> dict:
+    """``{name: [L, ...]}`` of the per-layer weights, whichever layout they are stored in."""
+    if isinstance(layers, nnx.List):
+        return {n: jnp.stack([lp[n][...] for lp in layers]) for n in layers[0].keys()}
+    return {n: v[...] for n, v in layers.items()}
+
+
+def run_layers(layer, x, layers, cache, per_layer=None):
+    """Run ``layer(x, p, k, v, i, extra) -> (x, k, v)`` over every layer.
+
+    Unrolled (``layers`` an ``nnx.List``): ``i`` is the static layer index, ``k``/``v`` the stacked
+    ``[L, B, S, K, H]`` caches and ``extra`` ``per_layer[i]`` (a Python value).  Scanned: ``i`` is
+    ``None``, ``k``/``v`` one layer's ``[B, S, K, H]`` and ``extra`` the traced ``per_layer`` entry.
+    """
+    from jaxens.models.base import KVCache
+
+    if isinstance(layers, nnx.List):
+        k, v = cache.k, cache.v
+        for i, lp in enumerate(layers):
+            p = {n: w[...] for n, w in lp.items()}
+            x, k, v = layer(x, p, k, v, i, None if per_layer is None else per_layer[i])
+        return x, KVCache(k, v)
+    p = {n: w[...] for n, w in layers.items()}
+    extra = jnp.zeros((cache.k.shape[0],), bool) if per_layer is None else jnp.asarray(per_layer)
+
+    def body(x, xs):
+        p, kc, vc, e = xs
+        x, kc, vc = layer(x, p, kc, vc, None, e)
+        return x, (kc, vc)
+
+    x, (k, v) = jax.lax.scan(body, x, (p, cache.k, cache.v, extra))
+    return x, KVCache(k, v)
+
+
+LOGITS_DOC = """``logits``: which positions get logits: ``"all"`` (``[B, T, V]``), ``"last"``
+(``[B, 1, V]``, query ``T - 1``), ``"none"`` (``None``: only the cache update, e.g. a prefill or a
+catch-up chunk), or an int scalar ``t`` (``[B, 1, V]`` at query ``t``; may be traced)."""
+
+
+def select_positions(x: Float[Array, "B T d"], logits) -> Float[Array, "B T2 d"] | None:
+    """The hidden states that get logits (see :data:`LOGITS_DOC`)."""
+    if isinstance(logits, str):
+        if logits == "all":
+            return x
+        if logits == "last":
+            return x[:, -1:]
+        if logits == "none":
+            return None
+        raise ValueError(f"Expected logits in ('all', 'last', 'none') or an int position, got {logits!r}")
+    idx = jnp.asarray(logits)
+    if idx.ndim != 0 or not jnp.issubdtype(idx.dtype, jnp.integer):
+        raise ValueError(f"Expected logits to be an int scalar position, got shape {idx.shape} {idx.dtype}")
+    return jax.lax.dynamic_slice_in_dim(x, idx.astype(jnp.int32), 1, axis=1)
+
+
+def select(flag, a, b):
+    """``a if flag else b`` for a static flag, ``jnp.where`` for a traced one."""
+    if isinstance(flag, (bool, np.bool_)):
+        return a if flag else b
+    return jnp.where(flag, a, b)

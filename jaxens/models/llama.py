@@ -10,8 +10,9 @@ attention (``n_heads`` query heads over ``n_kv_heads`` key/value heads, scale ``
 rotary embeddings with base ``rope_theta`` (and Llama 3's frequency scaling when given),
 q/k/v biases for Qwen2, and logits ``E n(x_L)`` with the embedding ``E`` (tied) or a separate head.
 
-The layers' weights are stacked along a leading ``L`` axis and run by one ``lax.scan``.
-Matches ``transformers``' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``.
+By default each layer keeps its own weights and the layers run as an unrolled loop (faster on
+CPU); ``scan_layers=True`` stacks them along a leading ``L`` axis and runs one ``lax.scan``
+(faster compiles).  Matches ``transformers``' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class LlamaConfig:
     max_len: int = 8192
     model_type: str = "llama"
     dtype: str = "float32"
+    scan_layers: bool = False  # stacked weights + lax.scan instead of an unrolled layer loop
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_len"):
@@ -239,14 +241,14 @@ class Llama(nnx.Module):
         self.embed = nnx.Param(jnp.asarray(params["embed"], dt))
         self.final_norm = nnx.Param(jnp.asarray(params["final_norm"], dt))
         self.lm_head = nnx.Param(jnp.asarray(params["lm_head"], dt)) if "lm_head" in params else None
-        self.layers = nnx.Dict({n.split("/", 1)[1]: nnx.Param(jnp.asarray(v, dt))
-                                for n, v in params.items() if n.startswith("layers/")})
+        self.layers = ly.store_layers({n.split("/", 1)[1]: v for n, v in params.items() if n.startswith("layers/")},
+                                      config.scan_layers, dt)
 
     def params_numpy(self) -> dict[str, np.ndarray]:
         out = {"embed": self.embed[...], "final_norm": self.final_norm[...]}
         if self.lm_head is not None:
             out["lm_head"] = self.lm_head[...]
-        out.update({f"layers/{k}": v[...] for k, v in self.layers.items()})
+        out.update({f"layers/{k}": v for k, v in ly.stacked_layers(self.layers).items()})
         return {k: np.asarray(jnp.asarray(v, jnp.float32)) for k, v in out.items()}
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
@@ -266,7 +268,10 @@ class Llama(nnx.Module):
         cache: KVCache,
         cache_index: Int[Array, ""],
         kv_mask: Bool[Array, "B S"],
-    ) -> tuple[Float[Array, "B T V"], KVCache]:
+        *,
+        logits="all",
+    ) -> tuple[Float[Array, "B T V"] | None, KVCache]:
+        """The member contract (:mod:`jaxens.models.base`); ``logits``: see ``layers.LOGITS_DOC``."""
         c = self.config
         ly.check_inputs(tokens, positions, cache, kv_mask, c.n_layers, c.n_kv_heads, c.head_dim)
         b, t = tokens.shape
@@ -274,10 +279,8 @@ class Llama(nnx.Module):
         cos, sin = ly.rope_angles(positions, ly.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling))
         mask = ly.attention_mask(t, cache_index, kv_mask)
         scale = c.head_dim**-0.5
-        lp = {k: v[...] for k, v in self.layers.items()}
 
-        def layer(x, xs):
-            p, kc, vc = xs
+        def layer(x, p, kc, vc, li, _):
             h = ly.rms_norm(x, p["attn_norm"], c.rms_eps)
             q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]
             if c.qkv_bias:
@@ -285,14 +288,16 @@ class Llama(nnx.Module):
             q = ly.apply_rope(q.reshape(b, t, c.n_heads, c.head_dim), cos, sin)
             k = ly.apply_rope(k.reshape(b, t, c.n_kv_heads, c.head_dim), cos, sin)
             v = v.reshape(b, t, c.n_kv_heads, c.head_dim)
-            a, kc, vc = ly.cached_attention(q, k, v, kc, vc, cache_index, mask, scale)
+            a, kc, vc = ly.cached_attention(q, k, v, kc, vc, cache_index, mask, scale, layer=li)
             x = x + a.reshape(b, t, -1) @ p["wo"]
             h = ly.rms_norm(x, p["mlp_norm"], c.rms_eps)
             x = x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
-            return x, (kc, vc)
+            return x, kc, vc
 
-        x, (k_all, v_all) = jax.lax.scan(layer, x, (lp, cache.k, cache.v))
+        x, cache = ly.run_layers(layer, x, self.layers, cache)
+        x = ly.select_positions(x, logits)
+        if x is None:
+            return None, cache
         x = ly.rms_norm(x, self.final_norm[...], c.rms_eps)
         w, _ = self.unembedding()
-        logits = jnp.einsum("btd,vd->btv", x, w, preferred_element_type=jnp.float32)
-        return logits, KVCache(k_all, v_all)
+        return jnp.einsum("btd,vd->btv", x, w, preferred_element_type=jnp.float32), cache

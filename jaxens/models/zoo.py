@@ -10,6 +10,11 @@
 
 Everything lives under the cache directory ``$JAXENS_CACHE`` (default ``~/.cache/jaxens``), in
 ``zoo/<name>/``.
+
+Trained members (``smollm2-tiny-64``, ``smollm2-tiny-128``, ``smollm2-tiny-256``) share SmolLM2's
+tokenizer and are trained from scratch on the real texts (:mod:`jaxens.data`) with the fixed recipes
+of :data:`jaxens.train.RECIPES` the first time they are loaded, then cached in
+``zoo/<name>/hf/`` with ``jaxens_train.json`` (recipe + data hash; a stale cache is retrained).
 """
 
 from __future__ import annotations
@@ -59,8 +64,20 @@ _ALIASES = {"smollm2-135m-instruct": "smollm2-135m", "smollm2": "smollm2-135m", 
             "gemma3": "gemma3-270m"}
 
 
+def _recipes() -> dict:
+    from jaxens.train import RECIPES
+
+    return RECIPES
+
+
 def known_models() -> tuple[str, ...]:
-    return tuple(sorted(ZOO))
+    return tuple(sorted(set(ZOO) | set(_recipes())))
+
+
+def _trained_name(name) -> str | None:
+    """The recipe name when ``name`` is a trained member (see :mod:`jaxens.train`), else None."""
+    key = name.lower() if isinstance(name, str) else None
+    return key if key in _recipes() else None
 
 
 def _entry(name: str) -> ZooEntry:
@@ -118,6 +135,8 @@ def fetch(name: str, *, progress: bool = True) -> Path:
     """Path of the checkpoint's GGUF file in the cache, downloading and verifying it if needed."""
     from tqdm.auto import tqdm
 
+    if _trained_name(name):
+        raise ValueError(f"{name!r} is trained from scratch, not fetched: use hf_dir({name!r}) or load({name!r})")
     e = _entry(name)
     root = cache_root()
     folder = _inside(root / "zoo" / e.name, root)
@@ -166,6 +185,10 @@ def hf_dir(name: str, *, progress: bool = True) -> Path:
     from jaxens.models.gguf import gguf_to_hf
     from jaxens.models.loading import _family
 
+    if _trained_name(name):
+        from jaxens.train import load_or_train
+
+        return load_or_train(_trained_name(name), progress=progress)
     e = _entry(name)
     root = cache_root()
     out = _inside(root / "zoo" / e.name / "hf", root)
@@ -193,6 +216,10 @@ def load_tokenizer(name: str, *, progress: bool = True):
     """The checkpoint's tokenizer (a ``transformers.PreTrainedTokenizerFast``)."""
     from jaxens.models.tokenizer import tokenizer_from_gguf
 
+    if _trained_name(name):  # trained members share SmolLM2's tokenizer
+        from jaxens.train import TOKENIZER_SOURCE
+
+        name = TOKENIZER_SOURCE
     path = fetch(name, progress=progress)
     return tokenizer_from_gguf(path, cache_dir=_inside(path.parent / "tokenizer", cache_root()))
 

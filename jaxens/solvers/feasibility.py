@@ -42,6 +42,11 @@ in float32).  With ``decide=True`` the loop stops as soon as the verdict is know
 basis-aware truncation); otherwise it runs to the least-squares tolerance (the
 ``least_squares`` objective) or until ``||r||_2 <= feas_tol`` (feasible to tolerance, where the
 least-squares value is within ``feas_tol**2`` of its minimum 0).
+
+The returned ``p`` is differentiable with respect to ``m`` and the problem's arrays through
+FISTA's adjoint (``solver.adjoint``); the derivative exists where the least-squares optimum is
+unique, i.e. on infeasible rows (a feasible row's optimum is a face of the feasible set).  The
+verdict and the certificate's margin are piecewise constant / not meant for differentiation.
 """
 
 from __future__ import annotations

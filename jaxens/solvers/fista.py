@@ -35,6 +35,16 @@ Stopping: the Frank-Wolfe gap :math:`g(x) = \nabla f(x)^\top x - \min_{s\in\math
 \ge f(x) - f^\star` (for the plain simplex, :math:`\min_s = \min_{j\in\mathrm{mask}}\nabla f_j`)
 falls below ``tol * (1 + |f(x)|)``.  It is returned as ``Solution.gap``.
 
+Gradients (``adjoint``): the loop runs on stopped inputs.  ``"implicit"`` differentiates the
+KKT conditions of the returned point on its support, :math:`p = P(p - \nabla f(p))` with
+:math:`P` the projection onto the face's affine hull (:mod:`jaxens.solvers.fixed_point_adjoint`;
+here :math:`E = \mathbf 1`, the Hessian factor is :math:`U = [F,\ \sqrt{w_j}A_j]` over the
+weighted columns: one ``K x K`` eigendecomposition per backward pass).  ``"unrolled"`` runs
+``unroll_steps`` FISTA iterations from the converged point and differentiates through them
+(forward value unchanged).  Exact when the optimum is unique (the reduced Hessian is
+non-singular on the support's tangent space), e.g. the least-squares phase of an infeasible row;
+on a feasible row the least-squares optimum is a whole face and has no derivative.
+
 The solver works on one row; ``jax.vmap`` it over a batch (one compile).  No per-row ``v x D``
 matrix is formed: ``A`` is shared, the per-row data are vectors (and ``F``).
 """
@@ -44,7 +54,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +63,7 @@ from jaxtyping import Array, Bool, Float, Int
 from optax.projections import projection_simplex
 
 from jaxens.problem import BottleneckProblem
+from jaxens.solvers.fixed_point_adjoint import support_adjoint
 from jaxens.solvers.solution import Solution, Status
 
 
@@ -209,17 +220,29 @@ class FISTA:
       tol: relative Frank-Wolfe gap: stop when ``gap <= tol * (1 + |f|)``.
       max_iters: iteration cap (status ``MAX_ITERS`` when reached).
       restart: gradient-scheme adaptive restart (O'Donoghue & Candes).
+      adjoint: gradients of ``p`` with respect to ``c``, ``F``, ``m``, ``rho``, ``hard_weight``
+        and the problem's arrays: ``"implicit"`` (the KKT system on the support,
+        :mod:`jaxens.solvers.fixed_point_adjoint`) or ``"unrolled"`` (reverse mode through
+        ``unroll_steps`` FISTA iterations run from the converged point; the forward value is
+        the converged ``p`` either way).  ``ub`` gets no gradient.
+      unroll_steps: iterations of the unrolled adjoint.
     """
 
     tol: float = 1e-6
     max_iters: int = 2000
     restart: bool = True
+    adjoint: Literal["implicit", "unrolled"] = "implicit"
+    unroll_steps: int = 500
 
     def __post_init__(self):
         if not self.tol > 0:
             raise ValueError(f"Expected tol > 0, got {self.tol}")
         if not self.max_iters >= 1:
             raise ValueError(f"Expected max_iters >= 1, got {self.max_iters}")
+        if self.adjoint not in ("implicit", "unrolled"):
+            raise ValueError(f"adjoint must be 'implicit' or 'unrolled', got {self.adjoint!r}")
+        if self.unroll_steps < 1:
+            raise ValueError(f"Expected unroll_steps >= 1, got {self.unroll_steps}")
 
     def solve(
         self,
@@ -302,6 +325,10 @@ def _fista_solve(
     if ub is not None:
         ub = jnp.where(mask & jnp.isfinite(ub), ub, 0.0)
 
+    params = (problem, c, F, m, rho, h)
+    problem, c, F, m, rho, h = jax.lax.stop_gradient(params)
+    if ub is not None:
+        ub = jax.lax.stop_gradient(ub)
     A = problem.A
     w = column_weights(problem, rho, h)
     L = lipschitz(problem, F, rho, h)
@@ -316,7 +343,7 @@ def _fista_solve(
         gap = g @ x - min_linear(g, mask, ub)
         return g, f, gap, r
 
-    x0 = uniform_on(mask, dtype) if p0 is None else project(jnp.asarray(p0, dtype), mask, ub)
+    x0 = uniform_on(mask, dtype) if p0 is None else project(jax.lax.stop_gradient(jnp.asarray(p0, dtype)), mask, ub)
     g0, f0, gap0, r0 = evaluate(x0)
     zero_i = jnp.zeros((), jnp.int32)
     state = FISTAState(x0, g0, x0, g0, jnp.ones((), dtype), f0, gap0, r0, zero_i, jnp.zeros((), bool))
@@ -354,7 +381,14 @@ def _fista_solve(
     status = jnp.where(converged(state) | state.stop, Status.SOLVED, Status.MAX_ITERS)
     status = jnp.where(numerr, Status.NUMERICAL_ERROR, status)
     status = jnp.where(finite_in, status, Status.NONFINITE_INPUT).astype(jnp.int32)
-    p = jnp.where(finite_in, state.x, uniform_on(mask, dtype))
+    x = state.x
+    if solver.adjoint == "implicit":
+        cap = jnp.ones_like(x) if ub is None else ub
+        free = (mask & (x > 0) & (x < cap)).astype(dtype)
+        x_d = _fista_attach(x, params, free, jnp.where(free > 0, 0.0, x))
+    else:
+        x_d = _unrolled(solver, params, mask, ub, x, step)
+    p = jnp.where(finite_in, x_d, uniform_on(mask, dtype))
     sol = Solution(
         p=p,
         status=status,
@@ -364,4 +398,50 @@ def _fista_solve(
         certificate=jnp.zeros((A.shape[1],), dtype),
         certificate_margin=jnp.zeros((), dtype),
     )
-    return sol, state
+    return sol, jax.lax.stop_gradient(state)
+
+
+def _fista_grad(p, params):
+    problem, c, F, m, rho, h = params
+    w = column_weights(problem, rho, h)
+    return F @ (F.T @ p) + c + problem.A @ (w * (p @ problem.A - m))
+
+
+def _fista_eq(params):
+    problem = params[0]
+    dtype = problem.A.dtype
+    return jnp.ones((problem.vocab_size, 1), dtype), jnp.ones((1,), dtype)
+
+
+def _fista_factor(params):
+    """``U`` with ``U U^T`` the Hessian: ``[F, sqrt(w_j) A_j for the weighted columns]``."""
+    problem, _, F, _, rho, h = params
+    cols = problem.columns(tuple(sorted(set(problem.soft) | set(problem.hard))))
+    if cols.size == 0:
+        return F
+    w = column_weights(problem, rho, h)[cols]
+    return jnp.concatenate([F, problem.A[:, cols] * jnp.sqrt(jnp.maximum(w, 0.0))], axis=1)
+
+
+_fista_attach = support_adjoint(_fista_grad, _fista_eq, _fista_factor)
+
+
+def _unrolled(solver: FISTA, params, mask, ub, x, step):
+    """``unroll_steps`` differentiable FISTA iterations from the converged ``x`` (forward value:
+    ``x``; backward: reverse mode through the iterations)."""
+    x = jax.lax.stop_gradient(x)
+    step = jax.lax.stop_gradient(step)
+
+    def body(_, carry):
+        xk, y, t = carry
+        z = project(y - step * _fista_grad(y, params), mask, ub)
+        t_new = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
+        mom = (t - 1.0) / t_new
+        if solver.restart:
+            do_restart = jax.lax.stop_gradient(jnp.dot(y - z, z - xk) > 0)
+            t_new = jnp.where(do_restart, jnp.ones_like(t_new), t_new)
+            mom = jnp.where(do_restart, 0.0, mom)
+        return z, z + mom * (z - xk), t_new
+
+    xt, _, _ = jax.lax.fori_loop(0, solver.unroll_steps, body, (x, x, jnp.ones((), x.dtype)))
+    return jax.lax.stop_gradient(x) + xt - jax.lax.stop_gradient(xt)

@@ -37,12 +37,18 @@ The *unrolled* alternative (differentiate through a fixed number of Newton steps
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
 
-__all__ = ["implicit_root"]
+from jaxens.problem import BottleneckProblem
+
+__all__ = ["implicit_root", "differentiable_problem"]
 
 
 def implicit_root(
@@ -83,3 +89,52 @@ def implicit_root(
 
     root.defvjp(fwd, bwd)
     return root
+
+
+def differentiable_problem(problem: BottleneckProblem, A: Float[Array, "v D"]) -> BottleneckProblem:
+    r"""``problem`` with ``A`` replaced and ``Q``, ``T_pinv`` re-derived from it *traceably*.
+
+    :func:`~jaxens.problem.make_problem` builds ``Q``/``T_pinv`` eagerly in numpy (an eigh with a
+    rank decision), so ``jax.grad`` cannot reach the unembeddings through it.  This function is
+    the differentiable route for gradients with respect to ``W`` (and biases): build the
+    problem once with ``make_problem`` (static structure: member columns, hard/soft sets, rank),
+    then, inside the differentiated function, call
+    ``differentiable_problem(problem, jnp.concatenate([W_1, b_1, ...], axis=1))``.
+
+    With :math:`C = [A_H,\ \mathbf 1]` of full column rank and the Cholesky factor
+    :math:`C^\top C = LL^\top`, :math:`Q = CL^{-\top}` is an orthonormal basis of
+    :math:`\mathrm{span}\,C` and :math:`Q^\top p = L^{-1}C^\top p = L^{-1}[m_H; 1]`, i.e.
+    ``T_pinv`` :math:`= L^{-1}`; one more Cholesky of :math:`Q^\top Q` re-orthonormalises (the
+    Gram route squares the condition number).  Every step is smooth in ``A``, and the basis
+    keeps :math:`\mathbf 1 \in \mathrm{span}\,Q` exactly, so the cotangents of ``Q``/``T_pinv``
+    from the solvers' adjoints chain into exact cotangents of ``A`` (see the caveat above).
+    ``Q`` differs from ``make_problem``'s by a rotation, which changes no solution.  The Lipschitz
+    constants are recomputed without gradient (they only set step sizes).
+
+    Raises:
+      ValueError: if ``A`` has the wrong shape, or ``[A_H, 1]`` was rank deficient when the
+        problem was built (duplicated members): the rank decision is not differentiable.
+    """
+    if tuple(A.shape) != tuple(problem.A.shape):
+        raise ValueError(f"A must have the problem's shape {tuple(problem.A.shape)}, got {tuple(A.shape)}")
+    hard_cols = problem.columns(problem.hard)
+    if problem.rank != hard_cols.size + 1:
+        raise ValueError(
+            f"[A_H, 1] has rank {problem.rank} < {hard_cols.size + 1} columns (duplicated or "
+            "rank-deficient hard members): Q is not a differentiable function of A there; "
+            "drop the duplicated member from the hard set"
+        )
+    A = jnp.asarray(A, problem.A.dtype)
+    C = jnp.concatenate([A[:, hard_cols], jnp.ones((A.shape[0], 1), A.dtype)], axis=1)
+    L = jnp.linalg.cholesky(C.T @ C)
+    Q = jax.scipy.linalg.solve_triangular(L, C.T, lower=True).T
+    L2 = jnp.linalg.cholesky(Q.T @ Q)
+    Q = jax.scipy.linalg.solve_triangular(L2, Q.T, lower=True).T
+    eye = jnp.eye(C.shape[1], dtype=A.dtype)
+    # beta = L2^{-1} L^{-1} [m_H; 1]
+    T_pinv = jax.scipy.linalg.solve_triangular(L2, jax.scipy.linalg.solve_triangular(L, eye, lower=True), lower=True)
+    An = jax.lax.stop_gradient(A)
+    lip_h = jnp.linalg.eigvalsh(An[:, hard_cols].T @ An[:, hard_cols])[-1] if hard_cols.size else jnp.zeros((), A.dtype)
+    starts = np.cumsum((0,) + problem.member_cols)
+    lip_m = jnp.stack([jnp.linalg.eigvalsh(An[:, a:b].T @ An[:, a:b])[-1] for a, b in zip(starts[:-1], starts[1:])])
+    return dataclasses.replace(problem, A=A, Q=Q, T_pinv=T_pinv, lipschitz_hard=lip_h, lipschitz_members=lip_m)
