@@ -20,8 +20,19 @@ def wants_cross(args, loaded=None) -> bool:
     if args.combiner in CROSS_COMBINERS:
         return True
     if args.combiner == "me" and loaded is not None:
-        return len({len(t) for _, t in loaded}) > 1
+        sizes = {_vocab_size(m, t) for m, t in loaded}
+        return None not in sizes and len(sizes) > 1
     return False
+
+
+def _vocab_size(member, tokenizer) -> int | None:
+    """The tokenizer's vocabulary size (``len``, else ``vocab_size``), else the member's config."""
+    for get in (lambda: len(tokenizer), lambda: tokenizer.vocab_size, lambda: member.config.vocab_size):
+        try:
+            return int(get())
+        except (TypeError, AttributeError):
+            continue
+    return None
 
 
 def _options(args) -> dict:
