@@ -33,6 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxens.vocab.align import TokenizerView, as_view, common_boundaries, token_offsets, word_boundaries
+from jaxens.vocab.cross_decode import normalized_weights
 
 LN2 = float(np.log(2.0))
 
@@ -94,10 +95,8 @@ def word_mixture_bits_per_byte(members, tokenizers, text: str, weights=None, chu
     n = len(members)
     if n != len(tokenizers) or n == 0:
         raise ValueError(f"got {n} members and {len(tokenizers)} tokenizers")
-    w = np.full((n,), 1.0 / n) if weights is None else np.asarray(weights, np.float64)
-    if w.shape != (n,) or np.any(w < 0) or w.sum() <= 0:
-        raise ValueError(f"weights must be {n} non-negative numbers with a positive sum, got {weights}")
-    w = w / w.sum()
+    w = normalized_weights(weights, n)
+    w = w
     res = [member_token_nll(m, t, text, chunk) for m, t in zip(members, tokenizers)]
     x = text.encode("utf-8")
     for nll, ids, v in res:

@@ -46,7 +46,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
-from jaxens.vocab.cross_decode import CrossMethod, id_pieces, text_mask
+from jaxens.vocab.cross_decode import CrossMethod, id_pieces, text_mask, normalized_weights
 
 
 def _unit(x: Array) -> Array:
@@ -259,14 +259,12 @@ class DeePEn(CrossMethod):
 
     def setup(self, eng):
         n = eng.num_members
-        w = np.full((n,), 1.0 / n) if self.weights is None else np.asarray(self.weights, np.float64)
-        if w.shape != (n,) or np.any(w < 0) or w.sum() <= 0:
-            raise ValueError(f"weights must be {n} non-negative numbers with a positive sum, got {self.weights}")
+        w = normalized_weights(self.weights, n)
         if self.mode not in ("topk", "chunked"):
             raise ValueError(f"mode must be 'topk' or 'chunked', got {self.mode!r}")
         al = eng.alignment
         A = al.num_anchors if self.max_anchors is None else min(al.num_anchors, self.max_anchors)
-        self._w = jnp.asarray(w / w.sum(), jnp.float32)
+        self._w = jnp.asarray(w, jnp.float32)
         self._anchors = tuple(jnp.asarray(a[:A]) for a in al.anchor_ids)
         embs = []
         for i, s in enumerate(eng.streams):

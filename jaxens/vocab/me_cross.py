@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxens.vocab.cross_decode import CrossMethod, id_pieces, text_mask
+from jaxens.vocab.cross_decode import CrossMethod, id_pieces, text_mask, normalized_weights
 
 
 class MECross(CrossMethod):
@@ -26,10 +26,8 @@ class MECross(CrossMethod):
 
     def setup(self, eng):
         n = eng.num_members
-        w = np.full((n,), 1.0 / n) if self.weights is None else np.asarray(self.weights, np.float64)
-        if w.shape != (n,) or np.any(w < 0) or w.sum() <= 0:
-            raise ValueError(f"weights must be {n} non-negative numbers with a positive sum, got {self.weights}")
-        self._logw = jnp.log(jnp.asarray(w / w.sum(), jnp.float32))
+        w = normalized_weights(self.weights, n)
+        self._logw = jnp.log(jnp.asarray(w, jnp.float32))
         self._masks = [jnp.broadcast_to(jnp.asarray(text_mask(eng.view(i))), (eng.B, eng.view(i).vocab_size))
                        for i in range(n)]
 

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxens.vocab.align import WHITESPACE, valid_utf8_prefix
-from jaxens.vocab.cross_decode import CrossMethod, id_pieces, text_mask
+from jaxens.vocab.cross_decode import CrossMethod, id_pieces, text_mask, normalized_weights
 from jaxens.vocab.union import to_union_probs
 
 
@@ -81,11 +81,9 @@ class SAFE(CrossMethod):
         if not (0 < self.confidence <= 1 and 0 <= self.disagreement <= 1):
             raise ValueError(f"confidence must be in (0, 1] and disagreement in [0, 1], got "
                              f"{self.confidence}, {self.disagreement}")
-        w = np.full((n,), 1.0 / n) if self.weights is None else np.asarray(self.weights, np.float64)
-        if w.shape != (n,) or np.any(w < 0) or w.sum() <= 0:
-            raise ValueError(f"weights must be {n} non-negative numbers with a positive sum, got {self.weights}")
+        w = normalized_weights(self.weights, n)
         al = eng.alignment
-        self._w = jnp.asarray(w / w.sum(), jnp.float32)
+        self._w = jnp.asarray(w, jnp.float32)
         self._maps = tuple(jnp.asarray(m) for m in al.to_union)
         dv = eng.view(self.drafter)
         self._dmask = jnp.broadcast_to(jnp.asarray(text_mask(dv)), (eng.B, dv.vocab_size))

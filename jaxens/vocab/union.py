@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from jaxens.vocab.cross_decode import CrossMethod
+from jaxens.vocab.cross_decode import CrossMethod, normalized_weights
 
 
 def to_union_probs(logp: Float[Array, "B v"], to_union: Int[Array, " v"], union_size: int) -> Float[Array, "B U"]:
@@ -63,10 +63,8 @@ class GaC(CrossMethod):
     def setup(self, eng):
         al = eng.alignment
         n = eng.num_members
-        w = np.full((n,), 1.0 / n) if self.weights is None else np.asarray(self.weights, np.float64)
-        if w.shape != (n,) or np.any(w < 0) or w.sum() <= 0:
-            raise ValueError(f"weights must be {n} non-negative numbers with a positive sum, got {self.weights}")
-        self._w = jnp.asarray(w / w.sum(), jnp.float32)
+        w = normalized_weights(self.weights, n)
+        self._w = jnp.asarray(w, jnp.float32)
         self._maps = tuple(jnp.asarray(m) for m in al.to_union)
         U, gate, main = al.union_size, self.gate, self.main
         self._fn = jax.jit(lambda lps, maps, w: gac_combine(lps, maps, w, U, gate, main))
