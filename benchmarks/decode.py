@@ -63,6 +63,9 @@ def parse_args(argv=None):
                    ".gguf files, perturbed:SEED, random:VOCAB:D:LAYERS")
     p.add_argument("--ensemble-members", nargs="+", default=None, metavar="SPEC",
                    help="member specs for the ensemble rows (default: smollm2-135m + perturbed copies)")
+    p.add_argument("--bottleneck-configs", nargs="+", default=["kl:hard=all", "sum_ce:hard=all"], metavar="SPEC",
+                   help="bottleneck rows: OBJECTIVE[:hard=all|none|I,J][:soft=I,J:rho=R][:topk=K][:tol=T], e.g. "
+                   "kl:hard=0:topk=1024 (EntropicNewton with the Hessian from the 1024 likeliest tokens)")
     p.add_argument("--max-pending", type=int, default=8, help="ME max_pending")
     p.add_argument("--data", default="/work/shared/data/alice29.txt")
     p.add_argument("--out", default="results/decode.json")
@@ -158,6 +161,33 @@ def member_from_spec(spec: str, base):
 
         return load_hf_dir(path), spec
     return zoo.load_model(spec, progress=False), f"zoo {spec}"
+
+
+def bottleneck_spec(spec: str, n: int) -> tuple[str, dict]:
+    """``OBJECTIVE[:key=value...]`` -> (combiner name, make_combiner options)."""
+    from jaxens.combiners.bottleneck import default_solver
+
+    objective, *kvs = spec.split(":")
+    opts, solver_kw = {}, {}
+    for kv in kvs:
+        key, _, val = kv.partition("=")
+        if key == "hard":
+            opts["hard"] = val if val in ("all", "none") else tuple(int(i) for i in val.split(","))
+        elif key == "soft":
+            opts["soft"] = tuple(int(i) for i in val.split(","))
+        elif key == "rho":
+            opts["rho"] = float(val)
+        elif key == "topk":
+            solver_kw["hessian_topk"] = int(val)
+        elif key == "tol":
+            solver_kw["tol"] = float(val)
+        else:
+            raise SystemExit(f"unknown key {key!r} in bottleneck spec {spec!r}")
+    if solver_kw:
+        import dataclasses
+
+        opts["solver"] = dataclasses.replace(default_solver(objective), **solver_kw)
+    return f"bottleneck-{objective}", opts
 
 
 def main():
@@ -295,7 +325,8 @@ def main():
         avg = Decoder(ms, logit_average(), greedy, vocab_size=bvocab)
         steady, comp = timed(jax_decode_fn(avg, bids, B, a.new_tokens), a.repeats)
         base = add("bottleneck", "logit_average (greedy)", B, 2, steady, comp)
-        for name, opts in (("bottleneck-kl", dict(hard="all")), ("bottleneck-sum_ce", dict(hard="all"))):
+        for spec in a.bottleneck_configs:
+            name, opts = bottleneck_spec(spec, len(ms))
             t = time.perf_counter()
             comb = make_combiner(name, ms, vocab_size=bvocab, **opts)
             build = time.perf_counter() - t
@@ -307,7 +338,7 @@ def main():
 
             steady, comp = timed(run_b, a.repeats)
             st = holder["out"].stats
-            add("bottleneck", f"{name} (hard=all)", B, 2, steady, comp, base, ">= 0.5",
+            add("bottleneck", spec, B, len(ms), steady, comp, base, ">= 0.5",
                 extra=dict(problem_build_s=round(build, 2),
                            status_histogram=np.asarray(st.status).sum(axis=0).tolist(),
                            max_iterations=float(np.max(st.iterations)),

@@ -1,10 +1,14 @@
 """DeePEn's relative transform and inverse: peak memory and time per step, dense vs chunked vs top-k.
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/deepen_memory.py            # V=16384, A=4096, d=256, B=4
-    python benchmarks/deepen_memory.py --vocab 49152 --anchors 16000 --dim 576 --batch 2 --no-dense
+    python benchmarks/deepen_memory.py                                   # V=16384 and 32768, A=4096, d=256
+    python benchmarks/deepen_memory.py --vocab 16384 --batch 4           # one size
+    python benchmarks/deepen_memory.py --gemma                           # + Gemma 3 shapes, memory only
 
 One DeePEn step = the relative vectors of two members (main: ``V x d``; assistant: ``V/2 x d``)
-and ``--steps`` AdamW steps of the inverse on the main vocabulary.  Forms:
+and ``--steps`` AdamW steps of the inverse on the main vocabulary.  ``--gemma`` adds the real
+pair's shapes (main Gemma 3: ``262144 x 640``, assistant SmolLM2: ``49152 x 576``, ``A = 8192``, the
+DeePEn default cap), compiled only: its dense ``R`` (8 GiB) is not allocated and no time is
+measured (the chunked form's ~30 TFLOP per step are out of reach of this CPU).  Forms:
 
 * ``dense``: the published form, ``R = softmax(scale * cos)`` materialised (``V x A`` float32)
   and autodiff through ``softmax(z) @ R`` (:func:`jaxens.vocab.deepen.dense_inverse`);
@@ -35,9 +39,14 @@ from jaxens.vocab import deepen as dp
 def build(args):
     rng = np.random.default_rng(0)
     V, A, d, B = args.vocab, args.anchors, args.dim, args.batch
-    V2 = V // 2
+    V2, d2 = getattr(args, "vocab2", None) or V // 2, getattr(args, "dim2", None) or d
+    if getattr(args, "compile_only", False):
+        f = jnp.float32
+        S = jax.ShapeDtypeStruct
+        return ((S((B, V), f), S((B, V2), f)), (S((V, d), f), S((V2, d2), f)),
+                (S((A,), jnp.int32), S((A,), jnp.int32)))
     E1 = jnp.asarray(rng.normal(size=(V, d)), jnp.float32)
-    E2 = jnp.asarray(rng.normal(size=(V2, d)), jnp.float32)
+    E2 = jnp.asarray(rng.normal(size=(V2, d2)), jnp.float32)
     a1 = jnp.asarray(rng.choice(V, A, replace=False).astype(np.int32))
     a2 = jnp.asarray(rng.choice(V2, A, replace=False).astype(np.int32))
     l1 = jax.nn.log_softmax(jnp.asarray(4 * rng.normal(size=(B, V)), jnp.float32), -1)
@@ -70,6 +79,8 @@ def measure(form, args, data):
     if mem is not None:
         peak = int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes)
         temp = int(mem.temp_size_in_bytes)
+    if getattr(args, "compile_only", False):
+        return None, {"form": form, "peak_bytes": peak, "temp_bytes": temp, "step_s": None, "first_s": None}
     t0 = time.perf_counter()
     out = jax.block_until_ready(compiled(*data))
     first = time.perf_counter() - t0
@@ -81,20 +92,7 @@ def measure(form, args, data):
     return out, {"form": form, "peak_bytes": peak, "temp_bytes": temp, "step_s": float(np.median(times)), "first_s": first}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--vocab", type=int, default=16384)
-    p.add_argument("--anchors", type=int, default=4096)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--chunk", type=int, default=256)
-    p.add_argument("--k", type=int, default=256)
-    p.add_argument("--scale", type=float, default=100.0)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--no-dense", action="store_true")
-    p.add_argument("--out", default="results/deepen_memory.json")
-    args = p.parse_args(argv)
+def run_config(args):
     data = build(args)
     forms = (["dense"] if not args.no_dense else []) + ["chunked", "topk"]
     rows, outs = [], {}
@@ -102,20 +100,52 @@ def main(argv=None):
         outs[form], row = measure(form, args, data)
         rows.append(row)
     dense = next((r for r in rows if r["form"] == "dense"), None)
-    print(f"V={args.vocab} A={args.anchors} d={args.dim} B={args.batch} chunk={args.chunk} k={args.k} "
-          f"steps={args.steps} load={os.getloadavg()[0]:.1f}")
+    print(f"V={args.vocab} V2={getattr(args, 'vocab2', None) or args.vocab // 2} A={args.anchors} d={args.dim} "
+          f"B={args.batch} chunk={args.chunk if args.chunk else dp.default_chunk(args.anchors)} k={args.k} "
+          f"steps={args.steps} compile_only={getattr(args, 'compile_only', False)} load={os.getloadavg()[0]:.1f}")
     print(f"{'form':8s} {'peak MiB':>10s} {'vs dense':>9s} {'temp MiB':>9s} {'step s':>8s} {'max|dp|':>10s}")
     for r in rows:
         f = r["form"]
-        r["max_abs_diff_vs_dense"] = float(jnp.max(jnp.abs(outs[f] - outs["dense"]))) if dense else None
+        r["max_abs_diff_vs_dense"] = (float(jnp.max(jnp.abs(outs[f] - outs["dense"])))
+                                      if dense and outs[f] is not None else None)
         ratio = (r["peak_bytes"] / dense["peak_bytes"]) if dense and r["peak_bytes"] and dense["peak_bytes"] else None
         r["memory_ratio"] = ratio
-        print(f"{f:8s} {r['peak_bytes'] / 2**20 if r['peak_bytes'] else float('nan'):10.1f} "
-              f"{ratio if ratio is not None else float('nan'):9.3f} {(r['temp_bytes'] or 0) / 2**20:9.1f} {r['step_s']:8.3f} "
-              f"{r['max_abs_diff_vs_dense'] if r['max_abs_diff_vs_dense'] is not None else float('nan'):10.2e}")
+        nan = float("nan")
+        print(f"{f:8s} {r['peak_bytes'] / 2**20 if r['peak_bytes'] else nan:10.1f} "
+              f"{ratio if ratio is not None else nan:9.3f} {(r['temp_bytes'] or 0) / 2**20:9.1f} "
+              f"{r['step_s'] if r['step_s'] is not None else nan:8.3f} "
+              f"{r['max_abs_diff_vs_dense'] if r['max_abs_diff_vs_dense'] is not None else nan:10.2e}", flush=True)
+    cfg = {k: v for k, v in vars(args).items() if k not in ("out", "sizes")}
+    cfg["chunk"] = args.chunk if args.chunk else dp.default_chunk(args.anchors)
+    return {"config": cfg, "rows": rows, "loadavg": os.getloadavg()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--vocab", type=int, nargs="+", default=[16384, 32768])
+    p.add_argument("--anchors", type=int, default=4096)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--chunk", type=int, default=None, help="rows per chunk (default: deepen.default_chunk(A))")
+    p.add_argument("--k", type=int, default=256)
+    p.add_argument("--scale", type=float, default=100.0)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--no-dense", action="store_true")
+    p.add_argument("--gemma", action="store_true", help="also the real pair's shapes (compile only)")
+    p.add_argument("--out", default="results/deepen_memory.json")
+    args = p.parse_args(argv)
+    runs = []
+    for V in args.vocab:
+        a = argparse.Namespace(**{**vars(args), "vocab": V})
+        runs.append(run_config(a))
+    if args.gemma:
+        a = argparse.Namespace(**{**vars(args), "vocab": 262144, "dim": 640, "vocab2": 49152, "dim2": 576,
+                                  "anchors": 8192, "compile_only": True})
+        runs.append(run_config(a))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": vars(args), "rows": rows, "loadavg": os.getloadavg()}, indent=2))
+    out.write_text(json.dumps({"runs": runs, "loadavg": os.getloadavg()}, indent=2))
 
 
 if __name__ == "__main__":

@@ -96,6 +96,10 @@ class EvalConfig:
       hessian_topk: the ``kl`` / ``max_entropy`` solver (:class:`jaxens.EntropicNewton`) forms its
         Hessian from this many tokens of largest mass (``None``: all; ``O(K k^2)`` per step instead
         of ``O(v k^2)``, the cost that dominates at ``v = 49,152``).
+      max_iters: iteration cap of the ADMM solvers (``sum_ce``, ``sum_sq_ce``,
+        ``min_underestimation``) and of the least-squares phase (``None``: the solvers' own caps,
+        10,000 / 2,000).  Rows that reach it are counted in the table's ``not conv.`` column (their
+        ``p`` is the last iterate, renormalised).
       progress: tqdm progress bars on stderr.
     """
 
@@ -115,6 +119,7 @@ class EvalConfig:
     learn_bottleneck: bool = False
     vocab_size: int | None = None
     hessian_topk: int | None = 2048
+    max_iters: int | None = 3000
     progress: bool = True
 
     def __post_init__(self):
@@ -137,6 +142,8 @@ class EvalConfig:
             raise ValueError(f"lambda_grid values must be in (0, 1), got {self.lambda_grid}")
         if not self.rho > 0:
             raise ValueError(f"rho must be > 0, got {self.rho}")
+        if self.max_iters is not None and (isinstance(self.max_iters, bool) or self.max_iters < 1):
+            raise ValueError(f"max_iters must be a positive int or None, got {self.max_iters!r}")
 
 
 # ---------------------------------------------------------------- texts
@@ -374,6 +381,7 @@ def summarize(s: RowScores) -> dict:
         "nll_finite": float(-np.mean(lt[finite])) if finite.any() else float("nan"),
         "top1": float(np.mean(s.correct)),
         "ece": expected_calibration_error(s.confidence, s.correct),
+        "_lt": lt,  # per-row log p(observed), for paired comparisons (dropped from the output)
     }
 
 
@@ -471,9 +479,10 @@ def _unembeddings(members, v):
     return Ws, bs
 
 
-def _row(name, kind, summary, *, tok_s, infeasible=None, iters=None, lam=None, note="", params=None):
+def _row(name, kind, summary, *, tok_s, infeasible=None, iters=None, lam=None, note="", params=None,
+         not_converged=None):
     r = {"combiner": name, "kind": kind, **summary, "infeasible": infeasible, "iters": iters,
-         "lam": lam, "tok_s": tok_s, "note": note}
+         "not_converged": not_converged, "lam": lam, "tok_s": tok_s, "note": note}
     if params is not None:
         r["params"] = params
     return r
@@ -536,7 +545,7 @@ def evaluate(
         uniform[label] = run
         rows.append(_row(label, "average", score(run.logp, test), tok_s=tok_s(all_cost, run.seconds_per_row),
                          note="uniform weights"))
-    rows.append(_row("me", "me", {k: v_ for k, v_ in rows[-1].items() if k in _METRICS},
+    rows.append(_row("me", "me", {k: v_ for k, v_ in rows[-1].items() if k in _METRICS + ("_lt",)},
                      tok_s=tok_s(float(np.mean(member_s)), 0.0),
                      note="exact per-step distribution = prob_average (uniform); one member per step"))
 
@@ -554,9 +563,10 @@ def evaluate(
                              tok_s=tok_s(all_cost, run.seconds_per_row), params=readable,
                              note=f"w,T fit on validation ({cfg.learn_steps} Adam steps, "
                                   f"val NLL {hist['loss'][0]:.3f}->{hist['loss'][-1]:.3f})"))
+            rows[-1]["val_nll"] = float(hist["loss"][-1])
             if label == "prob_average":
                 learned_w = np.asarray(readable["weights"])
-                rows.append(_row("me (learned)", "me", {k: v_ for k, v_ in rows[-1].items() if k in _METRICS},
+                rows.append(_row("me (learned)", "me", {k: v_ for k, v_ in rows[-1].items() if k in _METRICS + ("_lt",)},
                                  tok_s=tok_s(float(np.dot(learned_w, member_s)), 0.0), params=readable,
                                  note="exact = prob_average (learned w, T); one member per step"))
 
@@ -566,7 +576,9 @@ def evaluate(
     if cfg.learn_bottleneck:
         rows.append(_learned_bottleneck_row(members, v, val, test, cfg, all_cost, log))
 
+    reference = _paired_differences(rows)
     meta = {
+        "reference": reference,
         "members": names,
         "vocab_size": v,
         "best_member": names[best],
@@ -580,6 +592,30 @@ def evaluate(
     return EvalResult(rows, dataclasses.asdict(cfg), meta)
 
 
+def _paired_differences(rows: list[dict]) -> str | None:
+    """Add ``dnll``/``dnll_se`` to every row: the mean over test rows of
+    ``-log p(obs) - (-log p_ref(obs))`` and its standard error (paired: same positions), against
+    the tuned simple combiner ``ref`` (the learned logit / probability average with the lower
+    validation NLL; the uniform logit average without learning).  Drops the per-row data."""
+    learned = [r for r in rows if r["kind"] == "learned" and "val_nll" in r]
+    ref = min(learned, key=lambda r: r["val_nll"]) if learned else next(
+        (r for r in rows if r["combiner"] == "logit_average"), None)
+    for r in rows:
+        lt = r.get("_lt")
+        if ref is None or lt is None:
+            continue
+        with np.errstate(invalid="ignore"):
+            d = -np.asarray(lt) + np.asarray(ref["_lt"])
+        if np.all(np.isfinite(d)):
+            r["dnll"] = float(np.mean(d))
+            r["dnll_se"] = float(np.std(d, ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+        else:
+            r["dnll"], r["dnll_se"] = float("inf"), float("nan")
+    for r in rows:
+        r.pop("_lt", None)
+    return None if ref is None else ref["combiner"]
+
+
 _METRICS = ("rows", "nll", "ppl", "inf_rows", "inf_frac", "nll_finite", "top1", "ece")
 
 
@@ -589,7 +625,49 @@ def _solver(objective: str, cfg: EvalConfig):
 
     if objective in ("kl", "max_entropy") and cfg.hessian_topk is not None:
         return EntropicNewton(hessian_topk=cfg.hessian_topk)
+    if objective in ("sum_ce", "sum_sq_ce", "min_underestimation") and cfg.max_iters is not None:
+        from jaxens.solvers.admm import ADMM
+
+        return ADMM(max_iters=cfg.max_iters)
     return None
+
+
+def _ls_solver(cfg: EvalConfig):
+    from jaxens.solvers.fista import FISTA
+
+    return None if cfg.max_iters is None else FISTA(max_iters=cfg.max_iters)
+
+
+def feasibility_rows(problem, logits: np.ndarray, batch_rows: int, solver=None) -> tuple[np.ndarray, np.ndarray]:
+    """The least-squares phase of the hard constraints for every cached row (``(n, P, v)`` logits).
+
+    Returns ``(status (P,), p_ls (P, v))``: what :func:`jaxens.combiners.bottleneck.solve_row`
+    returns for an ``INFEASIBLE`` row whatever the objective, computed once per row instead of
+    once per objective (and without first running the objective's solver to its cap on a row
+    that has no feasible point).
+    """
+    from jaxens import objectives as obj
+    from jaxens.solvers.feasibility import least_squares
+
+    n, P, v = logits.shape
+    w = jnp.ones((n,), problem.A.dtype) / n
+
+    @jax.jit
+    def run(x):
+        def one(xr):
+            d = obj.row_data("kl", xr, w)
+            m = problem.moments(jnp.exp(d.logp))
+            return least_squares(problem, m, d.mask, solver)
+        sol = jax.vmap(one)(x)
+        return sol.status, sol.p
+
+    status, ps = [], []
+    for b in range(0, P, batch_rows):
+        x = jnp.asarray(np.moveaxis(logits[:, b : b + batch_rows], 0, 1), problem.A.dtype)
+        st, p = run(x)
+        status.append(np.asarray(st))
+        ps.append(np.asarray(p, np.float32))
+    return np.concatenate(status), np.concatenate(ps)
 
 
 def _bottleneck_rows(members, v, val, test, cfg, best, names, all_cost, log):
@@ -614,6 +692,15 @@ def _bottleneck_rows(members, v, val, test, cfg, best, names, all_cost, log):
     for cset in cfg.constraints:
         s = sets[cset]
         problem = make_problem(Ws, bs, hard=s["hard"], soft=s["soft"], dtype=jnp.float32)
+        feas = None
+        if s["hard"] == "all" and n > 1:
+            # one hard member is always feasible (its own p_i); several may not be: decide once
+            t_start = time.perf_counter()
+            feas = {split: feasibility_rows(problem, data.logits, cfg.batch_rows, _ls_solver(cfg))
+                    for split, data in (("val", val), ("test", test))}
+            ls_s = (time.perf_counter() - t_start) / (val.logits.shape[1] + test.logits.shape[1])
+            log(f"hard=all least-squares phase: {time.perf_counter() - t_start:.1f}s, infeasible "
+                f"{np.mean(feas['test'][0] == 2):.2f} of test rows")
         for objective in cfg.objectives:
             name = f"bn:{objective} [{s['label']}]"
             bar.set_postfix_str(name)
@@ -621,8 +708,12 @@ def _bottleneck_rows(members, v, val, test, cfg, best, names, all_cost, log):
                 comb = bottleneck(problem, objective, rho=s["rho"], solver=_solver(objective, cfg))
                 fn = jit_combiner(comb)
                 t_start = time.perf_counter()
-                rv = run_combiner(comb, val.logits, cfg.batch_rows, fn=fn)
-                rt = run_combiner(comb, test.logits, cfg.batch_rows, fn=fn)
+                if feas is None:
+                    rv = run_combiner(comb, val.logits, cfg.batch_rows, fn=fn)
+                    rt = run_combiner(comb, test.logits, cfg.batch_rows, fn=fn)
+                else:
+                    rv = _run_feasible_rows(comb, val.logits, cfg.batch_rows, fn, *feas["val"], ls_s)
+                    rt = _run_feasible_rows(comb, test.logits, cfg.batch_rows, fn, *feas["test"], ls_s)
                 log(f"{name}: {time.perf_counter() - t_start:.1f}s (compile {rv.compile_seconds:.1f}s, "
                     f"{rt.seconds_per_row:.3f}s/row, infeasible {np.mean(rt.status == 2):.2f})")
             except (ValueError, TypeError, NotImplementedError) as e:  # objective/solver does not support the set
@@ -631,7 +722,8 @@ def _bottleneck_rows(members, v, val, test, cfg, best, names, all_cost, log):
                 bar.update(1)
                 continue
             summary = summarize(row_scores(rt.logp, test.targets))
-            stats = dict(infeasible=float(np.mean(rt.status == 2)), iters=float(np.mean(rt.iterations)))
+            stats = dict(infeasible=float(np.mean(rt.status == 2)), iters=float(np.mean(rt.iterations)),
+                         not_converged=float(np.mean(rt.status == 1)))
             speed = 1.0 / (all_cost + rt.seconds_per_row)
             rows.append(_row(name, "bottleneck", summary, tok_s=speed, **stats))
             rows[-1]["compile_s"] = rv.compile_seconds
@@ -646,6 +738,27 @@ def _bottleneck_rows(members, v, val, test, cfg, best, names, all_cost, log):
             bar.update(1)
     bar.close()
     return rows
+
+
+def _run_feasible_rows(comb, logits, batch_rows, fn, status, p_ls, ls_seconds_per_row) -> CombinerRun:
+    """:func:`run_combiner` on the rows the least-squares phase did not prove infeasible; the
+    infeasible rows get the least-squares distribution with status ``INFEASIBLE`` (what the
+    combiner itself returns for them)."""
+    P = logits.shape[1]
+    infeasible = status == 2
+    with np.errstate(divide="ignore"):
+        logp = np.log(np.maximum(p_ls, 0.0)).astype(np.float32)
+    out_status = np.full((P,), 2, np.int32)
+    iters = np.zeros((P,), np.float64)
+    keep = np.nonzero(~infeasible)[0]
+    per_row, compile_s = 0.0, 0.0
+    if keep.size:
+        run = run_combiner(comb, logits[:, keep], min(batch_rows, keep.size), fn=fn)
+        logp[keep] = run.logp
+        out_status[keep] = run.status
+        iters[keep] = run.iterations
+        per_row, compile_s = run.seconds_per_row * keep.size / P, run.compile_seconds
+    return CombinerRun(logp, out_status, iters, per_row + ls_seconds_per_row, compile_s)
 
 
 def _learned_bottleneck_row(members, v, val, test, cfg, all_cost, log):
@@ -683,9 +796,19 @@ def _fmt(x, spec):
     return format(x, spec)
 
 
+def _dnll(r: dict) -> str:
+    d, se = r.get("dnll"), r.get("dnll_se")
+    if d is None:
+        return "-"
+    if isinstance(d, float) and math.isinf(d):
+        return "inf"
+    return f"{d:+.4f} ± {se:.4f}" if se is not None and se == se else f"{d:+.4f}"
+
+
 def markdown_table(rows: Sequence[dict]) -> str:
     """The evaluation table in Markdown (one line per combiner)."""
-    head = ("combiner", "NLL", "PPL", "inf rows", "NLL finite", "top-1", "ECE", "infeasible", "iters", "lambda", "tok/s")
+    head = ("combiner", "NLL", "ΔNLL vs tuned ± s.e.", "PPL", "inf rows", "NLL finite", "top-1", "ECE", "infeasible",
+            "not conv.", "iters", "lambda", "tok/s")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:
         if "nll" not in r:
@@ -694,12 +817,14 @@ def markdown_table(rows: Sequence[dict]) -> str:
         cells = [
             r["combiner"],
             _fmt(r["nll"], ".4f"),
+            _dnll(r),
             _fmt(r["ppl"], ".2f"),
             f"{r['inf_rows']}/{r['rows']}",
             _fmt(r["nll_finite"], ".4f"),
             _fmt(r["top1"], ".3f"),
             _fmt(r["ece"], ".3f"),
             _fmt(r.get("infeasible"), ".2f"),
+            _fmt(r.get("not_converged"), ".2f"),
             _fmt(r.get("iters"), ".1f"),
             _fmt(r.get("lam"), ".3g"),
             _fmt(r.get("tok_s"), ".1f"),
@@ -794,11 +919,16 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--vocab-size", type=int)
     e.add_argument("--hessian-topk", type=int, default=2048,
                    help="kl/max_entropy Newton Hessian over the top-K tokens by mass (0: all)")
+    e.add_argument("--max-iters", type=int, default=3000,
+                   help="iteration cap of the ADMM objectives and the least-squares phase (0: the solvers' own)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     e.add_argument("--json", help="write the results as JSON")
     e.add_argument("--plot", help="write a PNG plot (needs matplotlib)")
     e.add_argument("--no-progress", action="store_true")
+    from jaxens.vocab.eval_cross import add_cross_eval_args  # members with different vocabularies
+
+    add_cross_eval_args(e)
     e.set_defaults(func=cmd_eval)
 
 
@@ -823,7 +953,7 @@ def cmd_eval(args, out=None, err=None) -> int:
         batch_rows=args.batch_rows, seed=args.seed, objectives=tuple(args.objectives or ()),
         constraints=tuple(args.constraints or ()), rho=args.rho, learn=not args.no_learn,
         learn_steps=args.learn_steps, learn_bottleneck=args.learn_bottleneck, vocab_size=args.vocab_size,
-        hessian_topk=args.hessian_topk or None,
+        hessian_topk=args.hessian_topk or None, max_iters=args.max_iters or None,
         progress=not args.no_progress,
     )
     specs = list(args.member or DEFAULT_MEMBERS)
@@ -838,6 +968,10 @@ def cmd_eval(args, out=None, err=None) -> int:
             loaded.append(load_member(s, args.dtype))
         except ValueError as e:
             raise ValueError(f"member {s!r}: {e}") from None
+    from jaxens.vocab.eval_cross import cross_eval_cli, wants_cross_eval  # bits per byte (jaxens/vocab)
+
+    if wants_cross_eval(args, loaded):
+        return cross_eval_cli(args, loaded, specs, texts, out, err)
     members = [m for m, _ in loaded]
     tok = loaded[0][1]
     val_tokens = load_split_tokens(texts, tok, "validation")

@@ -217,3 +217,36 @@ def test_cli_bad_inputs(tmp_path, capsys):
     assert e.value.code == 2 and "no-such-model" in err and "nknown" in err
     with pytest.raises(SystemExit):
         main(["eval", "--constraints", "everything"])
+
+
+def test_feasibility_first_rows_equal_the_combiner(members, texts):
+    """``hard=all`` in the harness decides feasibility once per row and solves only the feasible
+    rows; the result is what the combiner returns row by row (same statuses; the same
+    distribution on feasible rows; on infeasible rows a least-squares point with the same residual)."""
+    _, test = texts
+    data = ev.collect_logits(members, test, context=16, stride=8, positions=10, seed=5, progress=False)
+    Ws, bs = ev._unembeddings(members, V)
+    problem = make_problem(Ws, bs, hard="all")
+    comb = bottleneck(problem, "kl")
+    fn = ev.jit_combiner(comb)
+    ref = ev.run_combiner(comb, data.logits, 8, fn=fn)
+    status, p_ls = ev.feasibility_rows(problem, data.logits, 8)
+    got = ev._run_feasible_rows(comb, data.logits, 8, fn, status, p_ls, 0.0)
+    assert np.any(ref.status == 2), "the instance should have infeasible rows (two members, V=64 > 2d+1?)"
+    np.testing.assert_array_equal(got.status, ref.status)
+    feas = ref.status != 2
+    np.testing.assert_allclose(np.exp(got.logp[feas]), np.exp(ref.logp[feas]), atol=1e-6)
+    m = np.asarray(problem.moments(jax.nn.softmax(jnp.asarray(np.moveaxis(data.logits, 0, 1)), -1)))
+    A = np.asarray(problem.A)
+    res = lambda lp: np.linalg.norm(np.exp(lp) @ A - m, axis=-1)  # noqa: E731
+    np.testing.assert_allclose(res(got.logp[~feas]), res(ref.logp[~feas]), rtol=1e-3, atol=1e-5)
+
+
+def test_paired_differences_against_the_tuned_reference(result):
+    rows = {r["combiner"]: r for r in result.rows}
+    ref = rows[result.meta["reference"]]
+    assert ref["kind"] == "learned" and ref["dnll"] == 0.0
+    for r in result.rows:
+        if "nll" in r and math.isfinite(r["nll"]):
+            assert r["dnll"] == pytest.approx(r["nll"] - ref["nll"], abs=1e-9)
+    assert "_lt" not in json.dumps(ev._json_safe(result.to_json()))

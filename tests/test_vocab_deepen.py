@@ -100,3 +100,44 @@ def test_bad_shapes():
         dp.relative_chunked(jax.nn.softmax(z[:, :-1], -1), E, a)
     with pytest.raises(ValueError, match="same anchors"):
         dp.deepen_combine([z, z], [E, E], [a, a[:-1]], jnp.asarray([0.5, 0.5]))
+
+
+@pytest.mark.parametrize("chunk", [None, 1000, 7])
+def test_chunk_sizes_match_dense(chunk):
+    """The default chunk (``default_chunk(A)``), a chunk longer than V and one that leaves a shifted
+    last chunk all give the dense products."""
+    E, a, z = _data(9)
+    p = jax.nn.softmax(z, -1)
+    R = np.asarray(dp.dense_relative_matrix(E, a, 20.0))
+    np.testing.assert_allclose(np.asarray(dp.relative_chunked(p, E, a, 20.0, chunk=chunk)), np.asarray(p) @ R,
+                               rtol=1e-12, atol=1e-14)
+    g = jnp.asarray(np.random.default_rng(10).random((B, A)))
+    np.testing.assert_allclose(np.asarray(dp.relative_rmatvec_chunked(g, E, a, 20.0, chunk=chunk)),
+                               np.asarray(g) @ R.T, rtol=1e-12, atol=1e-14)
+
+
+def test_chunked_step_memory_under_one_eighth_of_dense():
+    """XLA's compiled memory analysis (arguments + outputs + temporaries; nothing is allocated) of
+    one DeePEn step: the chunked form needs <= 1/8 of the dense form's peak (V=16384, A=1024)."""
+    Vm, Va, d, A_, Bm = 16384, 8192, 64, 1024, 2
+    S = jax.ShapeDtypeStruct
+    f32 = jnp.float32
+    args = ((S((Bm, Vm), f32), S((Bm, Va), f32)), (S((Vm, d), f32), S((Va, d), f32)),
+            (S((A_,), jnp.int32), S((A_,), jnp.int32)))
+    w = jnp.asarray([0.5, 0.5], f32)
+
+    def dense(lps, Es, As):
+        rs = [jnp.exp(lp) @ dp.dense_relative_matrix(E, a_) for lp, E, a_ in zip(lps, Es, As)]
+        return jax.nn.softmax(dp.dense_inverse(lps[0], w[0] * rs[0] + w[1] * rs[1], Es[0], As[0]), -1)
+
+    def chunked(lps, Es, As):
+        return dp.deepen_combine(list(lps), list(Es), list(As), w, mode="chunked")[0]
+
+    peaks = []
+    for f in (dense, chunked):
+        m = jax.jit(f).lower(*args).compile().memory_analysis()
+        if m is None:
+            pytest.skip("this backend gives no memory analysis")
+        peaks.append(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
+    assert peaks[0] > Vm * A_ * 4  # the dense R exists
+    assert peaks[1] <= peaks[0] / 8, peaks

@@ -67,7 +67,7 @@ from jaxtyping import Array, Float
 
 from jaxens.solvers.implicit import implicit_root
 
-__all__ = ["face_projection", "support_adjoint", "basis_solution"]
+__all__ = ["face_projection", "support_adjoint", "basis_solution", "free_indices", "kkt_solve"]
 
 
 def _pinv_psd(M: Float[Array, "q q"], rcond: float) -> Float[Array, "q q"]:
@@ -179,3 +179,97 @@ def basis_solution(
     rcond = default_rcond(B.dtype) if rcond is None else rcond
     G = B @ B.T
     return B.T @ (jnp.linalg.pinv(G, hermitian=True, rtol=rcond) @ rhs)
+
+
+def free_indices(free: Float[Array, " v"], cap: int) -> tuple[Array, Float[Array, " K"]]:
+    """Indices of the first ``cap`` free tokens (increasing order) and their 0/1 validity.
+
+    Static shape ``(cap,)``: when fewer than ``cap`` tokens are free, the remaining slots hold
+    non-free indices with validity 0 (the caller pins them); when more are free the caller must
+    not use the result (compare ``sum(free)`` with ``cap``).
+    """
+    v = free.shape[0]
+    j = jnp.arange(v, dtype=jnp.float32)
+    key = jnp.where(free > 0, 2.0 * v - j, v - j)  # free tokens first, each group by index
+    _, idx = jax.lax.top_k(key, cap)
+    return idx, (free[idx] > 0).astype(free.dtype)
+
+
+def _lu_factor(M: Float[Array, "n n"]) -> tuple[Float[Array, "n n"], Array]:
+    """Gaussian elimination with partial pivoting: ``(LU, perm)`` with ``M[perm] = L U``.
+
+    Written as an XLA loop, not a LAPACK custom call: jaxlib's batched LAPACK kernels share one
+    thread pool and deadlock when 8 virtual CPU devices call them at once (seen with ``ssyevd``).
+    """
+    n = M.shape[0]
+    ar = jnp.arange(n)
+
+    def step(k, carry):
+        LU, perm = carry
+        piv = jnp.argmax(jnp.where(ar >= k, jnp.abs(LU[:, k]), -1.0))
+        rows = jnp.where(ar == k, piv, jnp.where(ar == piv, k, ar))
+        LU, perm = LU[rows], perm[rows]
+        below = ar > k
+        l = jnp.where(below, LU[:, k] / LU[k, k], 0.0)
+        LU = LU - jnp.outer(l, jnp.where(ar > k, LU[k], 0.0))
+        return LU.at[:, k].set(jnp.where(below, l, LU[:, k])), perm
+
+    return jax.lax.fori_loop(0, n, step, (M, ar))
+
+
+def _lu_solve(LU, perm, b):
+    y = jax.lax.linalg.triangular_solve(LU, b[perm][:, None], left_side=True, lower=True, unit_diagonal=True)
+    return jax.lax.linalg.triangular_solve(LU, y, left_side=True, lower=False)[:, 0]
+
+
+def kkt_solve(
+    U: Float[Array, "K k"],
+    g: Float[Array, " K"],
+    E: Float[Array, "K r"],
+    e: Float[Array, " r"],
+    valid: Float[Array, " K"],
+    delta: float,
+    refine: int,
+) -> tuple[Float[Array, " K"], Float[Array, " r"]]:
+    r"""Solve the KKT system of an equality-constrained QP on a free set (OSQP's polish algebra).
+
+    .. math::  \min_x\ \tfrac12\lVert U^\top x\rVert^2 + g^\top x \quad\text{s.t.}\quad E^\top x = e
+       \qquad\Longleftrightarrow\qquad
+       M\begin{bmatrix} x \\ \nu\end{bmatrix} = \begin{bmatrix} -g \\ e\end{bmatrix},\quad
+       M = \begin{bmatrix} UU^\top & E \\ E^\top & 0\end{bmatrix}
+
+    (``K + r`` unknowns; entries with ``valid = 0`` are pinned to 0).  As in OSQP's solution
+    polishing (Stellato et al. 2020, §4.3): ``M`` is equilibrated symmetrically (two Ruiz passes,
+    :math:`\tilde M = DMD`), the quasi-definite :math:`\tilde M + \mathrm{diag}(\delta I,
+    -\delta I)` is factorised once (partial pivoting, an XLA loop: no LAPACK call), and
+    ``refine`` steps of iterative refinement against ``M`` remove the regularisation's bias.
+    At a non-degenerate vertex / QP optimum ``M`` is non-singular and refinement converges to
+    its solution; a singular ``M`` (a face of optima on the free set) gets some point of the
+    face, which the caller must check.  Returns ``(x, nu)`` with stationarity
+    :math:`UU^\top x + g + E\nu = 0`.
+    """
+    K, r = E.shape
+    dtype = E.dtype
+    U = U * valid[:, None]
+    E = E * valid[:, None]
+    H = U @ U.T + jnp.diag(1.0 - valid)
+    top = jnp.concatenate([H, E], axis=1)
+    bot = jnp.concatenate([E.T, jnp.zeros((r, r), dtype)], axis=1)
+    M = jnp.concatenate([top, bot], axis=0)
+    tiny = jnp.finfo(dtype).tiny
+    d = jnp.ones((K + r,), dtype)
+    for _ in range(2):
+        row = jnp.max(jnp.abs(d[:, None] * M * d[None, :]), axis=1)
+        d = d / jnp.sqrt(jnp.where(row > tiny, row, 1.0))
+    Ms = d[:, None] * M * d[None, :]
+    reg = jnp.concatenate([jnp.full((K,), delta, dtype), jnp.full((r,), -delta, dtype)])
+    LU, perm = _lu_factor(Ms + jnp.diag(reg))
+
+    def solve(b):
+        return d * _lu_solve(LU, perm, d * b)
+
+    rhs = jnp.concatenate([-g * valid, e])
+    sol = solve(rhs)
+    for _ in range(refine):
+        sol = sol + solve(rhs - M @ sol)
+    return sol[:K], sol[K:]

@@ -42,10 +42,13 @@ along which the gradient vanishes), and Armijo backtracking on :math:`\varphi`. 
 :math:`\log\sum_j p_j e^{t e_j} + t\nabla\varphi^\top\Delta + \tfrac{t^2}2\Delta^\top R^{-1}\Delta`
 with :math:`e = G\Delta - p^\top G\Delta` and ``expm1``-type evaluation, so the line search
 still works at float32 round-off.  Stops when :math:`\lVert\nabla\varphi\rVert_\infty \le`
-``tol``.  ``hessian_topk=K`` forms the Hessian from the ``K`` tokens of largest mass only
-(a PSD under-estimate; the step stays a descent direction and the line search keeps the method
-globally convergent, at linear instead of quadratic local rate): ``O(K k^2)`` instead of
-``O(v k^2)`` per step.
+``tol``.  ``hessian_topk=K`` forms the Hessian from the ``K`` tokens of current largest mass
+only (a PSD under-estimate; the step stays a descent direction and the line search keeps the
+method globally convergent, at linear instead of quadratic local rate): ``O(K k^2)`` instead of
+``O(v k^2)`` per step; keep ``K`` well above ``k`` (a subset of ``K < k`` tokens leaves the
+estimate singular and the method crawls).  Each
+iteration costs two ``v x k`` mat-vecs (``G\Delta`` for the line search, which also updates the
+logits :math:`\theta + Gz`, and :math:`G^\top p` for the gradient).
 
 **LP by continuation** (:meth:`EntropicNewton.solve_lp`).  For the LP
 :math:`\min_p c^\top p + \sum_S \tfrac{\rho_i}2\lVert A_i^\top p - m_i\rVert^2` over the same
@@ -174,10 +177,22 @@ def _phi(d: _Dual, z) -> Float[Array, ""]:
     return jax.nn.logsumexp(logits) - d.b @ z + 0.5 * jnp.sum(d.rinv * z * z)
 
 
-def _hessian(d: _Dual, p, topk: int | None) -> Float[Array, "k k"]:
+def _top_tokens(p, topk: int | None, v: int):
+    """Indices of the ``topk`` tokens of largest mass (``None`` when the Hessian uses all)."""
+    if topk is None or topk >= v:
+        return None
+    return lax.top_k(p, topk)[1]
+
+
+def _hessian(d: _Dual, p, topk: int | None, idx=None) -> Float[Array, "k k"]:
+    r"""``G^T(diag p - p p^T)G + R^{-1}``, from the tokens ``idx`` only when given (or the
+    ``topk`` of largest mass): on a subset ``K`` with mass ``s`` it is
+    :math:`s(\mathrm{Cov}_q(g) + (1-s)\mu\mu^	op) \succeq 0` (``q = p_K/s``), a PSD
+    under-estimate, so the Newton step stays a descent direction."""
     G = d.G
-    if topk is not None and topk < G.shape[0]:
-        _, idx = lax.top_k(p, topk)
+    if idx is None:
+        idx = _top_tokens(p, topk, G.shape[0])
+    if idx is not None:
         G, p = G[idx], p[idx]
     Gp = p @ G
     H = _gram(G, p) - jnp.outer(Gp, Gp)
@@ -293,8 +308,8 @@ class EntropicNewton:
         return jnp.zeros((_num_dual(problem),), dtype or problem.Q.dtype)
 
     # ----- Newton iteration (shared by both loops) -----
-    def _direction(self, d: _Dual, p, g, gnorm):
-        H = _hessian(d, p, self.hessian_topk)
+    def _direction(self, d: _Dual, p, g, gnorm, idx=None):
+        H = _hessian(d, p, self.hessian_topk, idx)
         k = H.shape[0]
         eps = jnp.finfo(H.dtype).eps
         hmax = jnp.maximum(jnp.max(jnp.diag(H)), jnp.finfo(H.dtype).tiny)
@@ -304,13 +319,15 @@ class EntropicNewton:
         fallback = -g / (hmax + lam)
         return jnp.where(jnp.all(jnp.isfinite(delta)), delta, fallback)
 
-    def _decrease(self, d: _Dual, logp, p, g, delta):
-        """``t -> phi(z + t delta) - phi(z)`` evaluated relative to ``z``, and the slope."""
+    def _decrease(self, d: _Dual, logp, p, g, delta, with_gd: bool = False):
+        """``t -> phi(z + t delta) - phi(z)`` evaluated relative to ``z``, and the slope (and
+        ``G delta`` on the mask with ``with_gd``: the logits move by ``t G delta``)."""
         gd = jnp.where(d.mask, d.G @ delta, 0.0)
         e = jnp.where(d.mask, gd - p @ gd, 0.0)
         slope = g @ delta
         quad = delta @ (d.rinv * delta)
-        return (lambda t: _psi(d, logp, p, e, t) + t * slope + 0.5 * t * t * quad), slope
+        fn = lambda t: _psi(d, logp, p, e, t) + t * slope + 0.5 * t * t * quad  # noqa: E731
+        return (fn, slope, gd) if with_gd else (fn, slope)
 
     def _effective_tol(self, d: _Dual):
         """``max(tol, 4 eps |theta|_inf |G|_max)``: the round-off floor of ``grad phi``."""
@@ -339,7 +356,7 @@ class EntropicNewton:
         def body(s: _State):
             p = jnp.exp(s.logp)
             delta = self._direction(d, p, s.g, s.gnorm)
-            dphi, slope = self._decrease(d, s.logp, p, s.g, delta)
+            dphi, slope, gd = self._decrease(d, s.logp, p, s.g, delta, with_gd=True)
 
             def ls_cond(c):
                 t, j, ok = c
@@ -354,7 +371,8 @@ class EntropicNewton:
             t, _, ok = lax.while_loop(ls_cond, ls_body, (t0, jnp.zeros((), jnp.int32), dphi(t0) <= self.armijo * slope))
             ok = ok & (slope < 0)
             z = s.z + t * delta
-            logp = _logp(d, z)
+            # theta + G z moves by t G delta: one v x k mat-vec per iteration saved
+            logp = jax.nn.log_softmax(jnp.where(d.mask, s.logp + t * gd, -jnp.inf))
             g = _grad(d, z, jnp.exp(logp))
             gnorm = jnp.max(jnp.abs(g))
             finite = jnp.isfinite(gnorm) & jnp.all(jnp.isfinite(z))

@@ -5,35 +5,81 @@ r"""Bits per byte of held-out text: a tokenizer-independent score for members an
 :math:`\mathrm{bpb} = \sum_{k=1}^{n} -\log_2 p(t_k \mid t_{<k}) / |x|`.  (Other tokenizations of the
 same bytes are ignored: this is the usual upper bound on the member's code length for :math:`x`.)
 
-**A cross-vocabulary ensemble** (``word_mixture_bits_per_byte``).  Teacher forcing a combined
-model is ill-defined token by token when the members' tokens do not line up, so the ensemble is
-scored at the granularity where every tokenization agrees: the text is cut at the *shared word
-boundaries* :math:`0 = k_0 < k_1 < \dots < k_S = |x|` (byte offsets that start a whitespace-led
-word and are a token boundary of every member, :func:`jaxens.vocab.align.common_boundaries`).
-Member :math:`i` gives segment :math:`s` the probability
-:math:`P_i(s) = \prod_{t \in s} p_i(t \mid \text{its own tokens before } t)` of its own tokens of the
-segment, and the ensemble codes segment :math:`s` with the mixture
-:math:`\sum_i w_i P_i(s)`:
+**A cross-vocabulary method, teacher forced** (:func:`teacher_forced_log_probs`,
+:func:`cross_bits_per_byte`; every method: ``gac``, ``unite``, ``deepen``, ``safe``, ``me``).  The
+text is tokenized by the **pivot** member :math:`\pi` (member 0, and the method's ``main`` /
+``drafter``): :math:`x = s_\pi(t_1) \cdots s_\pi(t_n)`.  At every pivot position :math:`k` the rows
+of the decode loop (:class:`jaxens.vocab.cross_decode.CrossEngine`) hold the byte prefix
+:math:`x_{<k} = s_\pi(t_1)\cdots s_\pi(t_{k-1})`; the pivot is fed exactly :math:`t_{<k}` (its
+KV cache, :meth:`_Stream.force`), every other member is conditioned on **its own re-encoding of the
+same bytes**, synced exactly as when the loop appends sampled text
+(:func:`jaxens.vocab.align.retokenize_tail`), and the method's combined next-piece distribution
+:math:`P_k` is computed by the method's own per-step code (its ``step`` runs on a
+:class:`ForcedEngine` whose ``sample`` records the distribution and returns the observed entry;
+ME's per-step mixture and SAFE's gates are evaluated exactly, see below).  Then
 
-.. math::  \mathrm{bpb}_{\text{ens}} = -\frac{1}{|x|}\sum_s \log_2 \sum_i w_i P_i(s).
+.. math::  \mathrm{bpb} = -\frac{1}{|x|}\sum_{k=1}^{n} \log_2 P_k\big(e_k\big),
 
-This is the code length of the *word-level probability average*: the generator that at every word
-boundary draws member :math:`i \sim w` and lets it write the next word, which is what ME and GaC
-(probability averaging on a union of strings) reduce to when their pieces are whole words; with a
-single member (or all weight on one) it equals the member's bpb exactly (the per-segment products
-telescope to the chain rule).  It is not defined for DeePEn (a logit search with no normalised
-sequence model) or SAFE/UniTE (data-dependent supports); for those use generation quality.
+where the observed entry :math:`e_k` is :math:`t_k` itself for methods that sample on the pivot's
+vocabulary (DeePEn, SAFE's draft) and the **union entry of the string** :math:`s_\pi(t_k)` for
+union-vocabulary methods (GaC, UniTE, SAFE's ensembled rows, ME's piece mixture
+:math:`\sum_i w_i \tilde p_i(s)`, :math:`\tilde p_i` member :math:`i` restricted to text tokens
+and EOS).  Distributions are the untruncated method distributions at temperature 1 (no
+top-k/top-p of the sampler).
+
+This is the code length of **one derivation** of :math:`x` (the pivot's tokenization): the
+method, run as a generator, could also write :math:`x` in other pieces, whose probability is not
+counted.  It is therefore an **upper bound** on the method's code length for :math:`x`, like every
+member's bpb, and it is defined for every method.  It differs from the **word-level mixture**
+score (:func:`word_mixture_bits_per_byte`, kept under that name): the word mixture codes whole
+words with :math:`\sum_i w_i P_i(\text{word})`, each member spelling the word in its own tokens
+(the generator that picks a member per word, not the per-piece method); it is a different model,
+often lower because it sums over the members' derivations, and it exists only for probability
+averaging (GaC/ME), not for UniTE, DeePEn or SAFE.
+
+**Zero mass.**  UniTE (top-:math:`k` candidate union) and SAFE (top-:math:`m` ensemble, same-word
+sharpening) can give the observed entry probability zero: those events are counted
+(``zero``), the bpb is then :math:`+\infty` (reported as such), and a **smoothed** code length
+is reported beside it, :math:`P^\lambda_k = (1-\lambda)P_k(e_k) + \lambda\, p_\pi(t_k\mid t_{<k})`
+(mixing with the pivot member's own probability of the token; default
+:data:`DEFAULT_LAMBDA` :math:`= 10^{-3}`, which costs at most :math:`-\log_2(1-\lambda) \approx
+0.0014` bits per token where the method is finite).
+
+**Batching.**  Long texts are cut at word boundaries into rows of about ``chunk_bytes`` bytes
+(:func:`split_rows`), each scored from the context token alone (like a member's bpb of that row);
+all rows run together through the decode loop, one pivot position per step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+import time
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float, Int
 
-from jaxens.vocab.align import TokenizerView, as_view, common_boundaries, token_offsets, word_boundaries
-from jaxens.vocab.cross_decode import normalized_weights
+from jaxens.sampling import Sampler, apply_mask
+from jaxens.vocab.align import (
+    WHITESPACE,
+    Alignment,
+    TokenizerView,
+    align,
+    as_view,
+    common_boundaries,
+    token_offsets,
+    valid_utf8_prefix,
+    word_boundaries,
+)
+from jaxens.vocab.cross_decode import CrossEngine, CrossMethod, normalized_weights, text_mask
+from jaxens.vocab.deepen import DeePEn
+from jaxens.vocab.me_cross import MECross
+from jaxens.vocab.safe import SAFE, sharpen
+from jaxens.vocab.union import GaC, to_union_probs
+from jaxens.vocab.unite import UniTE
 
 LN2 = float(np.log(2.0))
 
@@ -96,7 +142,6 @@ def word_mixture_bits_per_byte(members, tokenizers, text: str, weights=None, chu
     if n != len(tokenizers) or n == 0:
         raise ValueError(f"got {n} members and {len(tokenizers)} tokenizers")
     w = normalized_weights(weights, n)
-    w = w
     res = [member_token_nll(m, t, text, chunk) for m, t in zip(members, tokenizers)]
     x = text.encode("utf-8")
     for nll, ids, v in res:
@@ -110,22 +155,375 @@ def word_mixture_bits_per_byte(members, tokenizers, text: str, weights=None, chu
     return ens, [BPB(float(r[0].sum() / LN2), len(x)) for r in res]
 
 
-# methods whose teacher-forced code length is the word-level probability average
-_WORD_MIXTURE = ("gac", "me", "prob_average")
+
+# ---------------------------------------------------------------- teacher forcing through the decode loop
+
+DEFAULT_LAMBDA = 1e-3
 
 
-def cross_bits_per_byte(method: str, members, tokenizers, text: str, weights=None, chunk: int = 256) -> BPB:
-    """Bits per byte of ``text`` for a cross-tokenizer method by name, for the evaluation harness.
+@jax.jit
+def _target_logp(logp: Float[Array, "B v"], mask, target: Int[Array, " B"]) -> Float[Array, " B"]:
+    """``log softmax(apply_mask(logp, mask))[b, target[b]]`` (the sampler's distribution at temperature 1)."""
+    x = apply_mask(logp, mask) if mask is not None else logp
+    lp = jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(lp, target[:, None], axis=-1)[:, 0]
 
-    ``gac`` / ``me`` (probability averaging of text pieces) are scored by
-    :func:`word_mixture_bits_per_byte`; ``unite``, ``deepen`` and ``safe`` define no normalised
-    teacher-forced sequence model (see the module docstring) and raise ``NotImplementedError``.
+
+class ForcedEngine(CrossEngine):
+    """A :class:`CrossEngine` driven by the caller (teacher forcing).
+
+    The caller sets ``texts`` (each row's byte prefix), ``forced`` (the pivot's ids of that prefix)
+    and the observed next entry (``target_ids`` on the pivot vocabulary, ``target_union`` on the
+    union).  :meth:`logprobs` feeds the pivot exactly ``forced`` and syncs every other member to
+    ``texts`` (as generation does); :meth:`sample` records the log-probability the method's
+    distribution gives the observed entry and returns that entry.
     """
-    if method in _WORD_MIXTURE:
-        return word_mixture_bits_per_byte(members, tokenizers, text, weights, chunk)[0]
-    if method in ("unite", "deepen", "safe"):
-        raise NotImplementedError(
-            f"{method} has no normalised teacher-forced likelihood across tokenizers (data-dependent support or a "
-            "logit search); score it by generation, or use gac/me for bits per byte"
-        )
-    raise ValueError(f"unknown cross-tokenizer method {method!r}")
+
+    def __init__(self, streams, alignment: Alignment | None, B: int, pivot: int):
+        super().__init__(streams, alignment, Sampler(), B)
+        self.pivot = pivot
+        self.forced = [[] for _ in range(B)]
+        self.target_ids = np.zeros((B,), np.int32)
+        self.target_union = np.zeros((B,), np.int32)
+        self.recorded: list = []
+        self.space: str | None = None  # "union" / "pivot": where the current method samples (None: by width)
+
+    def logprobs(self, i: int) -> jax.Array:
+        s = self.streams[i]
+        if i == self.pivot:
+            s.force(self.forced)
+        else:
+            s.sync(self.texts)
+        return s.logp
+
+    def sample(self, logp, key, mask=None) -> np.ndarray:
+        W = int(logp.shape[-1])
+        U = self.alignment.union_size if self.alignment is not None else -1
+        vp = self.streams[self.pivot].view.vocab_size
+        if W == U and self.space in ("union", None) and (W != vp or self.space == "union"):
+            tgt = self.target_union
+        elif W == vp and self.space in ("pivot", None) and (W != U or self.space == "pivot"):
+            tgt = self.target_ids
+        else:
+            raise NotImplementedError(
+                f"a method sampled from a distribution of width {W} (pivot vocabulary {vp}, union {U}): teacher forcing "
+                "needs the distribution on the pivot's vocabulary or on the union; use the method's main member as pivot"
+            )
+        self.recorded.append(_target_logp(logp, mask, jnp.asarray(tgt)))
+        return tgt.copy()
+
+
+class ForcedResult(NamedTuple):
+    """Per-row teacher-forced scores.
+
+    ``logp[name][r]``: natural log-probability of each observed pivot token of row ``r`` under
+    ``name`` (``"pivot"``: the pivot member alone, raw softmax); ``seconds[name]``: time of the
+    method's combine (``"pivot"``: 0) and ``member_seconds[i]``: member ``i``'s forwards, both over
+    the steps after the first, steps slower than 20x the median counted as the median (compiles, at
+    the first step and at new chunk sizes, excluded); ``timed_positions``: positions scored in those steps; ``stats[name]``: method counters (e.g. SAFE's ``ensembled``).
+    """
+
+    ids: list
+    num_bytes: list
+    logp: dict
+    seconds: dict
+    member_seconds: list
+    timed_positions: int
+    stats: dict
+
+
+def _method_pivot(m: CrossMethod) -> int | None:
+    for attr in ("drafter", "main"):
+        if hasattr(m, attr):
+            return int(getattr(m, attr))
+    return None
+
+
+def _me_fn(lps, maps, masks, w, u):
+    tot = 0.0
+    for lp, mp, mk, wi in zip(lps, maps, masks, w):
+        q = jnp.exp(jax.nn.log_softmax(apply_mask(lp, mk), axis=-1))
+        tot = tot + wi * jnp.sum(jnp.where(mp[None, :] == u[:, None], q, 0.0), axis=-1)
+    return jnp.log(tot)
+
+
+_me_jit = jax.jit(_me_fn)
+
+
+class _MEScorer:
+    """ME's per-step piece distribution :math:`\\sum_i w_i \\tilde p_i(s)` at the observed string (exact, no draw)."""
+
+    def __init__(self, m: MECross, eng: ForcedEngine):
+        n = eng.num_members
+        self.w = jnp.asarray(normalized_weights(m.weights, n), jnp.float32)
+        self.maps = tuple(jnp.asarray(x) for x in eng.alignment.to_union)
+        self.masks = tuple(jnp.broadcast_to(jnp.asarray(text_mask(eng.view(i))), (eng.B, eng.view(i).vocab_size))
+                           for i in range(n))
+
+    def __call__(self, eng: ForcedEngine):
+        lps = [eng.logprobs(i) for i in range(eng.num_members)]
+        return _me_jit(lps, self.maps, self.masks, self.w, jnp.asarray(eng.target_union)), {}
+
+
+class _SAFEScorer:
+    """SAFE's per-position distribution (the gates of :class:`jaxens.vocab.safe.SAFE`, evaluated at the
+    forced prefix): the drafter alone on its text tokens, or, on ensembled rows, the sharpened top-``m``
+    GaC mixture (renormalised over the ``m`` entries, as the sampler does)."""
+
+    def __init__(self, m: SAFE, eng: ForcedEngine):
+        n = eng.num_members
+        self.m, self.d = m, eng.pivot
+        dv = eng.view(self.d)
+        self.dmask = jnp.broadcast_to(jnp.asarray(text_mask(dv)), (eng.B, dv.vocab_size))
+        self.starts = np.asarray(dv.starts_word)
+        w = jnp.asarray(normalized_weights(m.weights, n), jnp.float32)
+        maps = tuple(jnp.asarray(x) for x in eng.alignment.to_union)
+        U, d, top_m = eng.alignment.union_size, self.d, min(int(m.top_m), eng.alignment.union_size)
+
+        def consult(lps):
+            q = [to_union_probs(lp, mp, U) for lp, mp in zip(lps, maps)]
+            tv = jnp.stack([0.5 * jnp.sum(jnp.abs(q[d] - x), axis=-1) for x in q])
+            mix = sum(wi * x for wi, x in zip(w, q))
+            vals, idx = jax.lax.top_k(mix, top_m)
+            vals = vals / jnp.maximum(jnp.sum(mix, axis=-1, keepdims=True), 1e-30)
+            return jnp.max(tv, axis=0), jnp.log(jnp.maximum(vals, 1e-30)), idx
+
+        self.consult = jax.jit(consult)
+
+    def __call__(self, eng: ForcedEngine):
+        m, d = self.m, self.d
+        lp_d = eng.logprobs(d)
+        out = np.array(_target_logp(lp_d, self.dmask, jnp.asarray(eng.target_ids)), np.float64)
+        top = np.asarray(jnp.max(lp_d, axis=-1))
+        arg = np.asarray(jnp.argmax(lp_d, axis=-1))
+        eos = eng.view(d).eos_ids
+        cand = np.zeros((eng.B,), bool)
+        for b in range(eng.B):
+            t = eng.texts[b]
+            complete = valid_utf8_prefix(t) == len(t)
+            at_word = (len(t) > 0 and t[-1] in WHITESPACE) or bool(self.starts[arg[b]]) or int(arg[b]) in eos
+            cand[b] = eng.active[b] and complete and at_word
+        uncertain = cand & (np.exp(top) < m.confidence)
+        ens = np.zeros((eng.B,), bool)
+        zero_outside = zero_sharpened = 0
+        if uncertain.any():
+            lps = [eng.logprobs(i) for i in range(eng.num_members)]
+            tv, vals, idx = self.consult(lps)
+            tv, vals, idx = np.asarray(tv), np.asarray(vals, np.float64), np.asarray(idx)
+            ens = uncertain & (tv > m.disagreement)
+            al = eng.alignment
+            for b in np.nonzero(ens)[0]:
+                p = np.exp(vals[b])
+                if m.sharpen:
+                    p = sharpen(p, [al.piece(u) for u in idx[b]])
+                hit = idx[b] == eng.target_union[b]
+                q = p[hit].sum() / p.sum()
+                out[b] = np.log(q) if q > 0 else -np.inf
+                if q <= 0:
+                    zero_sharpened += int(hit.any())  # in the top m, its mass moved to a same-word entry
+                    zero_outside += int(not hit.any())  # not among the top m
+        return out, {"consulted": int(uncertain.sum()), "ensembled": int(ens.sum()),
+                     "zero_outside_top_m": zero_outside, "zero_sharpened": zero_sharpened}
+
+
+def _robust_total(steps: Sequence[float]) -> float:
+    """Sum of step times with compile outliers (> 20x the median step) replaced by the median."""
+    if not steps:
+        return 0.0
+    t = np.asarray(steps, np.float64)
+    med = float(np.median(t))
+    return float(np.where(t > 20 * med, med, t).sum())
+
+
+def split_rows(text: str, chunk_bytes: int | None) -> list[str]:
+    """Cut ``text`` at word boundaries (:func:`jaxens.vocab.align.word_boundaries`) into pieces of at
+    least ``chunk_bytes`` bytes (the last one may be shorter; ``None``: one piece)."""
+    x = text.encode("utf-8")
+    if chunk_bytes is None or len(x) <= chunk_bytes:
+        return [text] if x else []
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    cuts, last = [0], 0
+    for k in word_boundaries(x).tolist()[1:-1]:
+        if k - last >= chunk_bytes:
+            cuts.append(k)
+            last = k
+    if len(x) - last < chunk_bytes // 4 and len(cuts) > 1:  # no tiny tail row
+        cuts.pop()
+    cuts.append(len(x))
+    return [x[a:b].decode("utf-8") for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def teacher_forced_log_probs(members, tokenizers, methods: Mapping[str, CrossMethod], rows: Sequence[str], *,
+                             pivot: int = 0, alignment: Alignment | None = None, cache_dtype=None, seed: int = 0,
+                             progress: bool = False) -> ForcedResult:
+    """Teacher-force every method in ``methods`` (name -> :class:`CrossMethod`) on the texts ``rows``
+    (one decode-loop row each), sharing the member forwards; see the module docstring."""
+    from jaxens.vocab.cross_decode import _forward_for, _Stream, check_member_vocab
+
+    members = list(members)
+    n = len(members)
+    if n != len(tokenizers) or n < 2:
+        raise ValueError(f"teacher forcing across tokenizers needs >= 2 members with one tokenizer each, got {n} "
+                         f"members and {len(tokenizers)} tokenizers")
+    if not 0 <= pivot < n:
+        raise ValueError(f"pivot must be a member index in [0, {n}), got {pivot}")
+    rows = list(rows)
+    if not rows or any(not r for r in rows):
+        raise ValueError("rows must be a non-empty list of non-empty texts")
+    for name, m in methods.items():
+        mp = _method_pivot(m)
+        if mp is not None and mp != pivot:
+            raise ValueError(f"method {name!r} has main/drafter {mp} but the pivot is {pivot}; build it with "
+                             f"main={pivot} (drafter={pivot} for SAFE) or pass pivot={mp}")
+    al = alignment if alignment is not None else align(tokenizers)
+    views = list(al.views)
+    B = len(rows)
+    pv = views[pivot]
+    ids, xs, offs, tu = [], [], [], []
+    for r in rows:
+        t = pv.encode(r)
+        x = r.encode("utf-8")
+        if not t or pv.token_bytes(t) != x:
+            raise ValueError("the pivot's tokenizer does not round-trip a row's bytes (unknown characters?)")
+        u = al.to_union[pivot][np.asarray(t)]
+        if np.any(u <= 0):
+            raise ValueError("the pivot's tokenization of a row holds a token without text")
+        ids.append(t)
+        xs.append(x)
+        offs.append(token_offsets(pv, t))
+        tu.append(u.astype(np.int32))
+    K = max(len(t) for t in ids)
+    fwds = [_forward_for(m, check_member_vocab(m, v, i)) for i, (m, v) in enumerate(zip(members, views))]
+    streams = [_Stream(f, v, cache_dtype) for f, v in zip(fwds, views)]
+    for v, s in zip(views, streams):
+        s.start([""] * B, reserve=2 * K + 16, prompt_ids=[[_context_token(v)]] * B)
+    eng = ForcedEngine(streams, al, B, pivot)
+    scorers = {}
+    for name, m in methods.items():
+        m.setup(eng)
+        if isinstance(m, MECross):
+            scorers[name] = _MEScorer(m, eng)
+        elif isinstance(m, SAFE):
+            scorers[name] = _SAFEScorer(m, eng)
+        else:
+            scorers[name] = None  # its own step, with the recording sampler
+    spaces = {name: "union" if isinstance(m, (GaC, UniTE)) else "pivot" if isinstance(m, DeePEn) else None
+              for name, m in methods.items()}
+    names = ["pivot"] + list(methods)
+    logp = {k: [np.zeros(len(t)) for t in ids] for k in names}
+    steps_s = {k: [] for k in names}  # per-step seconds (steps after the first)
+    member_steps = [[] for _ in range(n)]
+    stats = {k: {} for k in methods}
+    timed = 0
+    key = jax.random.key(seed)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=K, desc="teacher forcing", disable=not progress, file=sys.stderr, leave=False)
+    for k in range(K):
+        act = np.array([k < len(t) for t in ids])
+        eng.active = act
+        eng.texts = [x[: int(o[min(k, len(t))])] for x, o, t in zip(xs, offs, ids)]
+        eng.forced = [t[: min(k, len(t))] for t in ids]
+        eng.target_ids = np.array([t[min(k, len(t) - 1)] for t in ids], np.int32)
+        eng.target_union = np.array([u[min(k, len(u) - 1)] for u in tu], np.int32)
+        for i in range(n):
+            t0 = time.perf_counter()
+            jax.block_until_ready(eng.logprobs(i))
+            if k > 0:
+                member_steps[i].append(time.perf_counter() - t0)
+        vals = {"pivot": _target_logp(eng.logprobs(pivot), None, jnp.asarray(eng.target_ids))}
+        for name, m in methods.items():
+            t0 = time.perf_counter()
+            key, sub = jax.random.split(key)
+            if scorers[name] is not None:
+                v, info = scorers[name](eng)
+            else:
+                eng.recorded = []
+                eng.space = spaces[name]
+                _, info = m.step(eng, sub)
+                if len(eng.recorded) != 1:
+                    raise NotImplementedError(
+                        f"method {name!r} sampled {len(eng.recorded)} times in one step; teacher forcing needs one "
+                        "combined distribution per step")
+                v = eng.recorded[0]
+            v = np.asarray(v, np.float64)
+            if k > 0:
+                steps_s[name].append(time.perf_counter() - t0)
+            vals[name] = v
+            for c, x in info.items():
+                if c in ("consulted", "ensembled", "zero_outside_top_m", "zero_sharpened"):
+                    stats[name][c] = stats[name].get(c, 0) + x
+        for name, v in vals.items():
+            v = np.asarray(v, np.float64)
+            for b in np.nonzero(act)[0]:
+                logp[name][b][k] = v[b]
+        if k > 0:
+            timed += int(act.sum())
+        bar.update(1)
+    bar.close()
+    seconds = {k: _robust_total(v) for k, v in steps_s.items()}
+    member_seconds = [_robust_total(v) for v in member_steps]
+    return ForcedResult(ids, [len(x) for x in xs], logp, seconds, member_seconds, timed, stats)
+
+
+class CrossBPB(NamedTuple):
+    """Teacher-forced score of a method: ``bits`` (``inf`` when ``zero > 0``), ``num_bytes``, the
+    ``zero``-probability count, ``smoothed_bits`` with weight ``lam`` on the pivot member, ``tokens``
+    (pivot tokens scored)."""
+
+    bits: float
+    num_bytes: int
+    zero: int
+    smoothed_bits: float
+    lam: float
+    tokens: int
+
+    @property
+    def bpb(self) -> float:
+        return self.bits / max(self.num_bytes, 1)
+
+    @property
+    def smoothed_bpb(self) -> float:
+        return self.smoothed_bits / max(self.num_bytes, 1)
+
+
+def code_length(logp: Sequence[np.ndarray], pivot_logp: Sequence[np.ndarray], num_bytes: int,
+                lam: float = DEFAULT_LAMBDA) -> CrossBPB:
+    """:class:`CrossBPB` from per-row log-probs of the observed tokens (nats) and the pivot's."""
+    if not 0.0 < lam < 1.0:
+        raise ValueError(f"lam must be in (0, 1), got {lam}")
+    a = np.concatenate([np.asarray(x, np.float64) for x in logp]) if logp else np.zeros(0)
+    p = np.concatenate([np.asarray(x, np.float64) for x in pivot_logp]) if pivot_logp else np.zeros(0)
+    zero = int(np.sum(~np.isfinite(a)))
+    bits = float(-a.sum() / LN2) if zero == 0 else float("inf")
+    with np.errstate(divide="ignore"):
+        sm = np.logaddexp(np.log1p(-lam) + a, np.log(lam) + p)
+    return CrossBPB(bits, int(num_bytes), zero, float(-sm.sum() / LN2), float(lam), int(a.size))
+
+
+def _ensure_method(method, weights, pivot, options):
+    from jaxens.vocab import make_cross_method
+
+    if not isinstance(method, str):
+        return method
+    opts = dict(options)
+    if weights is not None:
+        opts.setdefault("weights", tuple(weights))
+    if method == "safe":
+        opts.setdefault("drafter", pivot)
+    elif method in ("gac", "deepen"):
+        opts.setdefault("main", pivot)
+    return make_cross_method(method, **opts)
+
+
+def cross_bits_per_byte(method, members, tokenizers, text: str, weights=None, *, pivot: int = 0,
+                        chunk_bytes: int | None = 512, lam: float = DEFAULT_LAMBDA, alignment=None,
+                        **options) -> CrossBPB:
+    """Teacher-forced bits per byte of ``text`` for a cross-tokenizer method (a name among ``gac``,
+    ``unite``, ``deepen``, ``safe``, ``me`` with constructor ``options``, or a :class:`CrossMethod`);
+    see the module docstring.  ``text`` is cut into rows of about ``chunk_bytes`` bytes."""
+    m = _ensure_method(method, weights, pivot, options)
+    rows = split_rows(text, chunk_bytes)
+    res = teacher_forced_log_probs(members, tokenizers, {"m": m}, rows, pivot=pivot, alignment=alignment)
+    return code_length(res.logp["m"], res.logp["pivot"], sum(res.num_bytes), lam)

@@ -119,9 +119,15 @@ class _Stream:
         self.forward_tokens = 0  # real tokens fed (prompt included)
         self.forward_calls = 0
 
-    def start(self, prompts: Sequence[str], reserve: int):
+    def start(self, prompts: Sequence[str], reserve: int, prompt_ids: Sequence[Sequence[int]] | None = None):
+        """Prefill the prompts (``prompt_ids``: given ids instead of encoding ``prompts``)."""
         B = len(prompts)
-        self.prompt_ids = [self.view.encode_prompt(p) for p in prompts]
+        if prompt_ids is not None:
+            if len(prompt_ids) != B or any(len(p) == 0 for p in prompt_ids):
+                raise ValueError(f"prompt_ids must hold {B} non-empty id lists")
+            self.prompt_ids = [list(p) for p in prompt_ids]
+        else:
+            self.prompt_ids = [self.view.encode_prompt(p) for p in prompts]
         P = max(len(p) for p in self.prompt_ids)
         T = _bucket(P)
         S = int(2 ** np.ceil(np.log2(max(T + reserve, 64))))
@@ -173,6 +179,23 @@ class _Stream:
                     keep -= 1
                     new = [self.gen_ids[b][keep]]
             plans.append((keep, new))
+        self.feed(plans)
+
+    def force(self, ids: Sequence[Sequence[int]]):
+        """Teacher forcing: make row ``b``'s tokens exactly ``ids[b]`` (no re-encoding of the text;
+        the pivot member of :func:`jaxens.vocab.bpb.teacher_forced_log_probs`); updates ``self.logp``."""
+        plans = []
+        for b, want in enumerate(ids):
+            have = self.gen_ids[b]
+            c = 0
+            while c < min(len(have), len(want)) and have[c] == want[c]:
+                c += 1
+            plans.append((c, list(want[c:])))
+        self.feed(plans)
+
+    def feed(self, plans: Sequence[tuple[int, Sequence[int]]]):
+        """Per row ``(keep, new)``: retract ``gen_ids[b][keep:]`` and feed ``new`` (one chunk for all rows)."""
+        B = len(plans)
         n_new = max(len(n) for _, n in plans)
         if n_new == 0 and all(k == len(self.gen_ids[b]) for b, (k, _) in enumerate(plans)):
             return
@@ -318,6 +341,7 @@ class CrossDecoder:
         for s in streams:
             s.start(prompts, reserve=4 * max_new_tokens + 16)
         eng = CrossEngine(streams, self.alignment, self.sampler, B)
+        eng.max_new_tokens = max_new_tokens  # a method may plan ahead (SAFE drafts no more than this)
         self.method.setup(eng)
         key = jax.random.key(seed) if key is None else key
         finished = np.zeros((B,), bool)

@@ -24,8 +24,14 @@ from :math:`z_0` = the main member's logits, by ``steps`` AdamW steps (optax; le
 bounded forms:
 
 * ``mode="chunked"``: rows of :math:`R` are recomputed in chunks of ``chunk`` tokens inside a
-  ``lax.scan`` for each product :math:`pR` and :math:`Rg` (memory ``chunk x A``; same result as the
-  dense form up to float rounding, tested against a float64 dense reference);
+  ``lax.scan`` / ``fori_loop`` for each product :math:`pR` and :math:`Rg`; ``E`` is sliced in place
+  (the last chunk is shifted back to end at row ``V``, its repeated rows masked), the anchors'
+  scaled unit embeddings (one ``A x d`` buffer, shared by both products of every step) are the
+  dot's left operand, and the default ``chunk`` (:func:`default_chunk`, ``2^18 / A``) keeps the
+  ``chunk x A`` temporaries near 1 MiB.  The gradient is the closed form above (no autodiff, so no
+  stored ``V x A`` residuals).  Peak memory: the arguments plus about two ``A x d`` buffers; same
+  result as the dense form up to float rounding (tested against a float64 dense reference;
+  ``benchmarks/deepen_memory.py`` measures <= 1/8 of the dense form's peak at ``V >= 16k``);
 * ``mode="topk"``: only the ``k`` most likely tokens of each distribution enter (their rows of
   :math:`R`, ``B x k x A``); the relative vector is renormalised on that support, so
   :math:`\lVert r_{\text{topk}} - r\rVert_1 \le 2(1 - P_k)` where :math:`P_k` is the kept mass;
@@ -57,6 +63,20 @@ def _unit(x: Array) -> Array:
 def relative_rows(E_rows: Float[Array, "... d"], Ea_unit: Float[Array, "A d"], scale: float) -> Float[Array, "... A"]:
     """Rows of :math:`R` for the given embedding rows (anchors' embeddings already unit-norm)."""
     return jax.nn.softmax(scale * (_unit(E_rows) @ Ea_unit.T), axis=-1)
+
+
+def _anchors(E, anchor_ids, dtype, scale):
+    """The anchors' unit embeddings times ``scale``, ``(A, d)``: the one ``A x d`` buffer of the
+    chunked forms."""
+    # the norms of all V rows (a V-vector) so that gather and scaling fuse into one A x d output
+    inv = scale / jnp.maximum(jnp.linalg.norm(E.astype(dtype), axis=-1), 1e-12)
+    return E[anchor_ids].astype(dtype) * inv[anchor_ids][:, None]
+
+
+def _rows_t(E_rows, Ea_s, scale=None):
+    """Rows of :math:`R` for ``E_rows`` (``c x d``) from :func:`_anchors`, transposed (``A x c``:
+    the anchors' buffer is the dot's left operand, so XLA never transposes it)."""
+    return jax.nn.softmax(jnp.einsum("ad,cd->ac", Ea_s, _unit(E_rows)), axis=0)
 
 
 def _check(E, anchor_ids, p_width=None):
@@ -101,36 +121,64 @@ def dense_inverse(z0, target, E, anchor_ids, scale=100.0, steps=5, lr=0.15):
 # ---------------------------------------------------------------- chunked products
 
 
-def _chunks(E, chunk):
-    V, d = E.shape
-    n = -(-V // chunk)
-    Ep = jnp.pad(E, ((0, n * chunk - V), (0, 0)))
-    return Ep.reshape(n, chunk, d), n
+def default_chunk(num_anchors: int) -> int:
+    """Rows per chunk when none is given: ``2**18 / A`` clipped to ``[16, 1024]``, so a chunk's
+    ``chunk x A`` float32 temporaries stay near 1 MiB (below the ``A x d`` anchor buffer)."""
+    return int(min(1024, max(16, 2**18 // max(int(num_anchors), 1))))
 
 
-def relative_chunked(p: Float[Array, "B V"], E: Float[Array, "V d"], anchor_ids: Int[Array, " A"],
-                     scale: float = 100.0, chunk: int = 1024) -> Float[Array, "B A"]:
-    """:math:`pR` with :math:`R` recomputed in row chunks (memory ``chunk x A``)."""
-    _check(E, anchor_ids, p.shape[-1])
-    Ea = _unit(E[anchor_ids]).astype(p.dtype)
-    Ec, n = _chunks(E.astype(p.dtype), chunk)
-    pc = jnp.pad(p, ((0, 0), (0, n * chunk - p.shape[-1]))).reshape(p.shape[0], n, chunk).transpose(1, 0, 2)
+def _chunk_plan(V: int, chunk: int | None, A: int = 1):
+    """``(c, n, starts)``: ``n`` row chunks of ``c = min(chunk, V)`` rows starting at ``starts``; the last
+    chunk is shifted back to end at row ``V`` (no padded copy of ``E``), its rows already covered
+    by the previous chunk are masked where they would count twice."""
+    if chunk is None:
+        chunk = default_chunk(A)
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive number of rows, got {chunk}")
+    c = min(int(chunk), V)
+    n = -(-V // c)
+    return c, n, jnp.minimum(jnp.arange(n, dtype=jnp.int32) * c, V - c)
 
-    def body(acc, xs):
-        e, pp = xs
-        return acc + pp @ relative_rows(e, Ea, scale), None
 
-    out, _ = jax.lax.scan(body, jnp.zeros((p.shape[0], Ea.shape[0]), p.dtype), (Ec, pc))
+def _pR(p, E, Ea, chunk):
+    V = E.shape[0]
+    c, n, starts = _chunk_plan(V, chunk, Ea.shape[0])
+
+    def body(acc, i):
+        s = starts[i]
+        e = jax.lax.dynamic_slice_in_dim(E, s, c, axis=0).astype(p.dtype)
+        pp = jax.lax.dynamic_slice_in_dim(p, s, c, axis=1)
+        pp = jnp.where((s + jnp.arange(c) >= i * c)[None, :], pp, 0.0)  # rows of the previous chunk count once
+        return acc + jnp.einsum("bc,ac->ba", pp, _rows_t(e, Ea)), None
+
+    out, _ = jax.lax.scan(body, jnp.zeros((p.shape[0], Ea.shape[0]), p.dtype), jnp.arange(n))
     return out
 
 
+def _Rg(g, E, Ea, chunk):
+    V = E.shape[0]
+    c, n, starts = _chunk_plan(V, chunk, Ea.shape[0])
+
+    def body(i, out):
+        e = jax.lax.dynamic_slice_in_dim(E, starts[i], c, axis=0).astype(g.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(out, jnp.einsum("ba,ac->bc", g, _rows_t(e, Ea)), starts[i], axis=1)
+
+    return jax.lax.fori_loop(0, n, body, jnp.zeros((g.shape[0], V), g.dtype))
+
+
+def relative_chunked(p: Float[Array, "B V"], E: Float[Array, "V d"], anchor_ids: Int[Array, " A"],
+                     scale: float = 100.0, chunk: int | None = None) -> Float[Array, "B A"]:
+    """:math:`pR` with :math:`R` recomputed in row chunks (temporaries: the ``A x d`` scaled unit
+    anchors and ``O(chunk x A)``; ``E`` is sliced in place, never copied)."""
+    _check(E, anchor_ids, p.shape[-1])
+    return _pR(p, E, _anchors(E, anchor_ids, p.dtype, scale), chunk)
+
+
 def relative_rmatvec_chunked(g: Float[Array, "B A"], E: Float[Array, "V d"], anchor_ids: Int[Array, " A"],
-                             scale: float = 100.0, chunk: int = 1024) -> Float[Array, "B V"]:
-    """:math:`R g` (``(B, V)``) with :math:`R` recomputed in row chunks."""
-    Ea = _unit(E[anchor_ids]).astype(g.dtype)
-    Ec, n = _chunks(E.astype(g.dtype), chunk)
-    out = jax.lax.map(lambda e: g @ relative_rows(e, Ea, scale).T, Ec)  # (n, B, chunk)
-    return out.transpose(1, 0, 2).reshape(g.shape[0], n * chunk)[:, : E.shape[0]]
+                             scale: float = 100.0, chunk: int | None = None) -> Float[Array, "B V"]:
+    """:math:`R g` (``(B, V)``) with :math:`R` recomputed in row chunks (written in place)."""
+    _check(E, anchor_ids)
+    return _Rg(g, E, _anchors(E, anchor_ids, g.dtype, scale), chunk)
 
 
 def relative_topk(p: Float[Array, "B V"], E: Float[Array, "V d"], anchor_ids: Int[Array, " A"],
@@ -160,7 +208,7 @@ def _kl(target, r):
 
 
 def inverse(z0: Float[Array, "B V"], target: Float[Array, "B A"], E: Float[Array, "V d"], anchor_ids: Int[Array, " A"],
-            scale: float = 100.0, steps: int = 5, lr: float = 0.15, mode: str = "chunked", chunk: int = 1024,
+            scale: float = 100.0, steps: int = 5, lr: float = 0.15, mode: str = "chunked", chunk: int | None = None,
             k: int = 256) -> tuple[Float[Array, "B V"], Float[Array, " B"]]:
     """AdamW search of the main member's logits; returns ``(z, final KL)``.  See the module docstring."""
     _check(E, anchor_ids, z0.shape[-1])
@@ -168,10 +216,12 @@ def inverse(z0: Float[Array, "B V"], target: Float[Array, "B A"], E: Float[Array
         raise ValueError(f"target must have shape {(z0.shape[0], anchor_ids.shape[0])}, got {target.shape}")
     opt = _optimizer(steps, lr)
     if mode == "chunked":
+        Ea = _anchors(E, anchor_ids, z0.dtype, scale)  # once, shared by both products of every step
+
         def grad(z):
             p = jax.nn.softmax(z, axis=-1)
-            r = relative_chunked(p, E, anchor_ids, scale, chunk)
-            dp = -relative_rmatvec_chunked(target / jnp.maximum(r, 1e-30), E, anchor_ids, scale, chunk)
+            r = _pR(p, E, Ea, chunk)
+            dp = -_Rg(target / jnp.maximum(r, 1e-30), E, Ea, chunk)
             return p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True)), r
 
         def body(_, carry):
@@ -181,7 +231,7 @@ def inverse(z0: Float[Array, "B V"], target: Float[Array, "B A"], E: Float[Array
             return optax.apply_updates(z, upd), st
 
         z, _ = jax.lax.fori_loop(0, steps, body, (z0, opt.init(z0)))
-        r = relative_chunked(jax.nn.softmax(z, axis=-1), E, anchor_ids, scale, chunk)
+        r = _pR(jax.nn.softmax(z, axis=-1), E, Ea, chunk)
         return z, _kl(target, r)
     if mode == "topk":
         k = min(k, z0.shape[-1])
@@ -214,7 +264,7 @@ class DeePEnInfo(NamedTuple):
 
 
 def deepen_combine(logps, embeddings, anchor_ids, weights, *, main=0, scale=100.0, steps=5, lr=0.15,
-                   mode="topk", chunk=1024, k=256):
+                   mode="topk", chunk=None, k=256):
     """DeePEn for one step: members' log-probs ``(B, v_i)`` -> log-probs on the main vocabulary."""
     if not (len(logps) == len(embeddings) == len(anchor_ids)):
         raise ValueError(f"{len(logps)} log-probs, {len(embeddings)} embedding tables, {len(anchor_ids)} anchor sets")
@@ -253,7 +303,7 @@ class DeePEn(CrossMethod):
     steps: int = 5
     lr: float = 0.15
     mode: str = "topk"
-    chunk: int = 1024
+    chunk: int | None = None
     k: int = 256
     max_anchors: int | None = 8192
 
