@@ -705,7 +705,12 @@ def _bottleneck_rows(members, v, val, test, cfg, best, names, all_cost, log):
             name = f"bn:{objective} [{s['label']}]"
             bar.set_postfix_str(name)
             try:
-                comb = bottleneck(problem, objective, rho=s["rho"], solver=_solver(objective, cfg))
+                # The combiner's own least-squares phase is never needed here: with several hard
+                # members the verdict was decided above; one hard member is always feasible (its
+                # own distribution is a witness), so the phase could only confirm it (and would
+                # run to its cap on every row where the objective's solver did).
+                comb = bottleneck(problem, objective, rho=s["rho"], solver=_solver(objective, cfg),
+                                  check_feasibility=False)
                 fn = jit_combiner(comb)
                 t_start = time.perf_counter()
                 if feas is None:
@@ -743,7 +748,8 @@ def _bottleneck_rows(members, v, val, test, cfg, best, names, all_cost, log):
 def _run_feasible_rows(comb, logits, batch_rows, fn, status, p_ls, ls_seconds_per_row) -> CombinerRun:
     """:func:`run_combiner` on the rows the least-squares phase did not prove infeasible; the
     infeasible rows get the least-squares distribution with status ``INFEASIBLE`` (what the
-    combiner itself returns for them)."""
+    combiner itself returns for them).  ``comb`` runs without its own least-squares phase
+    (``check_feasibility=False``): the verdict is ``status``."""
     P = logits.shape[1]
     infeasible = status == 2
     with np.errstate(divide="ignore"):

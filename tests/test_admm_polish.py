@@ -123,10 +123,10 @@ def test_float32_batch_of_one_equals_batch_of_eight(kind):
     res1 = [one(c[b], F[b], m[b]) for b in range(8)]
     p1 = np.stack([np.asarray(s.p) for s, _ in res1])
     ok = (np.asarray(st8.polish) == PolishStatus.ACCEPTED) & np.array([int(st.polish) == PolishStatus.ACCEPTED for _, st in res1])
-    # known gap (docs/numerics.md): a row whose guessed active set is off by a token at a
-    # near-degenerate vertex can cycle in the active-set corrections; its polish is rejected and
-    # it keeps ADMM's accuracy.  Seen on 1 of these 8 QP rows, none of the LP rows.
-    assert ok.sum() >= (8 if kind == "lp" else 7), np.asarray(st8.polish)
+    # a rejected polish (possible when the guessed active set is several tokens off) would keep
+    # ADMM's ~1e-3 accuracy; on these rows every polish is accepted, in both runs
+    assert ok.all(), np.asarray(st8.polish)
+    print(f"POLISH {kind}: accepted {int(ok.sum())}/8, batch of 1 vs 8 max|dp| = {np.max(np.abs(p1 - np.asarray(sol8.p))):.2e}")
     err = np.max(np.abs(p1 - np.asarray(sol8.p))[ok])
     assert err <= 1e-5, f"{kind}: batch of 1 vs batch of 8 differ by {err:.2e}"
 

@@ -71,15 +71,16 @@ box, :math:`\lVert Q^\top p-\beta\rVert_\infty` no larger than the iterate's, an
 cost :math:`d = \nabla f(p) + Q\nu` has :math:`d_j \ge 0` at 0, :math:`d_j\le 0` at the cap,
 :math:`d_S = 0` (a certificate of optimality, hence also "objective no worse" than any feasible
 point); otherwise up to ``polish_rounds - 1`` active-set corrections are tried (per round the
-free token farthest outside its box goes to the bound and the bound token with the most
-wrong-signed :math:`d_j` becomes free).  An
+free token farthest outside its box goes to the bound and, of the bound tokens with a
+wrong-signed :math:`d_j`, the one nearest its bound in :math:`w` becomes free).  An
 accepted polish sets status ``SOLVED`` (even at the iteration cap) and ``gap`` to the KKT
 violation; a rejected one, or one skipped because more than ``cap`` tokens are free (a face of
 optima, e.g. the constant cost of all-hard exact logits), returns the ADMM iterate as before.
 The outcome is ``state.polish`` (:class:`PolishStatus`).  Static shapes throughout (top-``cap``
 indices and 0/1 validity masks), so it ``jit``/``vmap``s and shards.  Cost: three ``v x r``
 mat-vecs (``Q^T b``, ``Q^T p``, ``Q nu``) and two ``v x k`` ones per round, a gather of ``cap``
-rows, and one ``(cap + r)``-sized factorisation per round (``(cap + r)^3`` flops).
+rows, and one ``(cap + r)``-sized factorisation per round (``(cap + r)^3`` flops; a round
+after the first only while rejected).
 
 **Min-underestimation** (:meth:`ADMM.solve_ratio`): with :math:`r_j = \min_i \hat p_{ij}`,
 
@@ -213,8 +214,9 @@ class ADMM:
         KKT check.  Makes float32 answers exact (and reproducible) at the optimum's vertex /
         face.  Its outcome is ``state.polish`` (:class:`PolishStatus`).
       polish_refine: iterative-refinement steps of the polish's KKT solve.
-      polish_rounds: KKT solves of the polish: the first on the active set guessed from the
-        iterate, each further one after a primal-dual active-set correction.
+      polish_rounds: the most KKT solves of the polish: the first on the active set guessed
+        from the iterate, each further one after a one-token active-set correction (only while
+        rejected).
       polish_delta: quasi-definite regularisation of the polish's (equilibrated) KKT matrix
         (``None``: ``1e-6`` in float32, ``1e-10`` in float64), removed by ``polish_refine``
         refinement steps; see :func:`~jaxens.solvers.fixed_point_adjoint.kkt_solve`.
@@ -243,7 +245,7 @@ class ADMM:
     rho_max: float = 1e8
     polish: bool = True
     polish_refine: int = 3
-    polish_rounds: int = 4
+    polish_rounds: int = 10
     polish_delta: float | None = None
     polish_cap: int | None = None
     polish_iters: int = 50
@@ -399,19 +401,24 @@ def _not_polished(p, dtype) -> _Polished:
 
 
 def _active_set_polish(solver: ADMM, Q, beta, lower, upper, free, cap, round_fn, ref_res, dist) -> _Polished:
-    """Solve on the guessed active set, then up to ``polish_rounds - 1`` active-set corrections
-    (one token in, one out per round, as in an active-set method; the full primal-dual
-    active-set update of Hintermüller, Ito & Kunisch 2002 diverged from guesses a token off):
-    the free token farthest outside its box moves to the violated bound, the bound token with
-    the most wrong-signed reduced cost becomes free.  The first round that passes the KKT check
-    is kept."""
+    """Solve on the guessed active set, then up to ``polish_rounds - 1`` active-set corrections,
+    one token each way per round as in an active-set method (moving every violator at once, as
+    the primal-dual active-set method of Hintermüller, Ito & Kunisch 2002 does, diverged from
+    guesses a token off): the free token farthest outside its box moves to the violated bound,
+    and of the bound tokens with a wrong-signed reduced cost the one ADMM was least sure of
+    (smallest ``dist``, its pre-clip distance to the bound; Dantzig's most-negative reduced cost
+    picked wrong tokens) becomes free.  Stops at the first round that passes the KKT check (a
+    ``while_loop``: rows accepted at once pay one KKT solve)."""
     dtype = Q.dtype
+    n = free.shape[0]
     ta, tr = solver.tolerances(dtype)
     eps_eq = ta + tr * jnp.max(jnp.abs(beta))
-    best_p = jnp.zeros((Q.shape[0],), dtype)
-    status = jnp.asarray(PolishStatus.SKIPPED, jnp.int32)
-    viol_out = jnp.asarray(jnp.inf, dtype)
-    for _ in range(max(solver.polish_rounds, 1)):
+
+    def one(viol):
+        return (jnp.arange(n) == jnp.argmax(viol)) & (jnp.max(viol) > 0)
+
+    def body(carry):
+        lower, upper, free, best_p, status, viol_out, k = carry
         n_free = jnp.sum(free)
         p, d, below, above, p_clip, d_scale, finite = round_fn(lower, upper, free)
         eps_p = ta + tr * jnp.maximum(jnp.max(jnp.abs(p)), 1e-30)
@@ -424,29 +431,31 @@ def _active_set_polish(solver: ADMM, Q, beta, lower, upper, free, cap, round_fn,
             + jnp.where(free, jnp.abs(d), 0.0)
         )
         ok = finite & primal_ok & (viol <= eps_d) & (n_free <= cap)
-        take = ok & (status != PolishStatus.ACCEPTED)
-        best_p = jnp.where(take, p_clip, best_p)
-        viol_out = jnp.where(take, viol, viol_out)
-        first = status == PolishStatus.SKIPPED
+        best_p = jnp.where(ok, p_clip, best_p)
+        viol_out = jnp.where(ok, viol, viol_out)
         status = jnp.where(
-            status == PolishStatus.ACCEPTED, status,
-            jnp.where(ok, PolishStatus.ACCEPTED, jnp.where(first & (n_free > cap), PolishStatus.SKIPPED, PolishStatus.REJECTED)),
+            ok, PolishStatus.ACCEPTED, jnp.where((k == 0) & (n_free > cap), PolishStatus.SKIPPED, PolishStatus.REJECTED)
         ).astype(jnp.int32)
-        # active-set correction, one token each way (moving every violator at once, as the
-        # primal-dual active-set method does, diverges from a guess that is a token off): the
-        # free token farthest outside its box goes to the violated bound, the bound token with
-        # the most wrong-signed reduced cost becomes free
-        n = free.shape[0]
-        one = lambda viol: (jnp.arange(n) == jnp.argmax(viol)) & (jnp.max(viol) > 0)  # noqa: E731
         out_lo = one(jnp.where(free & (below < -eps_p), -below, 0.0))
         out_hi = one(jnp.where(free & (above > eps_p), above, 0.0)) & ~out_lo
-        # of the bound tokens with a wrong-signed d, the one ADMM was least sure of (its pre-clip
-        # value w nearest the bound): Dantzig's most-negative d picks wrong ones on these rows
         wrong = (lower & (d < -eps_d)) | (upper & (d > eps_d))
-        into = one(jnp.where(wrong, 1.0 / (1.0 + dist / jnp.maximum(jnp.max(jnp.where(wrong, dist, 0.0)), 1e-30)), 0.0))
+        top = jnp.maximum(jnp.max(jnp.where(wrong, dist, 0.0)), 1e-30)
+        into = one(jnp.where(wrong, 1.0 / (1.0 + dist / top), 0.0))
         lower = (lower & ~into) | out_lo
         upper = (upper & ~into) | out_hi
         free = (free & ~out_lo & ~out_hi) | into
+        return lower, upper, free, best_p, status, viol_out, k + 1
+
+    def cond(carry):
+        status, k = carry[4], carry[6]
+        more = (k == 0) | ((status == PolishStatus.REJECTED) & (k < max(solver.polish_rounds, 1)))
+        return more
+
+    init = (
+        lower, upper, free, jnp.zeros((n,), dtype), jnp.asarray(PolishStatus.REJECTED, jnp.int32),
+        jnp.asarray(jnp.inf, dtype), jnp.zeros((), jnp.int32),
+    )
+    _, _, _, best_p, status, viol_out, _ = jax.lax.while_loop(cond, body, init)
     return _Polished(best_p, status, viol_out.astype(dtype))
 
 
