@@ -87,7 +87,19 @@ def solve_row(
     check_feasibility: bool = True,
 ) -> tuple[Solution, Any]:
     """Solve one row.  Returns the solution and the next warm start."""
-    from jaxens.solvers.feasibility import default_feas_rtol, least_squares
+    sol, new_warm, m, d = _objective_row(problem, objective, solver, logits, weights, rho, warm)
+    if _needs_check(problem, objective, check_feasibility):
+        sol = _feasibility_fix(problem, sol, m, d.mask, _witnessed(problem, sol, m))
+    return _nonfinite_fallback(sol, d), new_warm
+
+
+def _needs_check(problem: BottleneckProblem, objective: str, check_feasibility: bool) -> bool:
+    return bool(problem.hard) and check_feasibility and objective != "least_squares"
+
+
+def _objective_row(problem, objective, solver, logits, weights, rho, warm):
+    """The objective's solve for one row: ``(solution, next warm start, moments, row data)``."""
+    from jaxens.solvers.feasibility import least_squares
 
     d = obj.row_data(objective, logits, weights)
     probs = jnp.exp(d.logp)
@@ -117,37 +129,55 @@ def solve_row(
     else:  # pragma: no cover - guarded by check_objective
         raise ValueError(objective)
 
-    if problem.hard and check_feasibility and objective != "least_squares":
-        # The feasibility verdict is piecewise constant; the least-squares fallback is returned
-        # without a gradient (use the least_squares objective itself to differentiate it).
-        # A row whose solver returned SOLVED with a small residual is feasible by witness (its
-        # own p); the least-squares phase then starts at that p with moments it satisfies
-        # exactly and stops at iteration 0.  Other rows run to the least-squares optimum and
-        # its certificate.  (Under vmap the loop runs as long as the slowest row, so rows
-        # that need no check must not iterate.)
-        p_ng = jax.lax.stop_gradient(sol.p)
-        m_ng = jax.lax.stop_gradient(m)
-        m_h = problem.hard_moments(m_ng)
-        feas_tol = default_feas_rtol(m_ng.dtype) * jnp.maximum(1.0, jnp.linalg.norm(m_h))
-        # ... or feasible to the solver's own tolerance, which every solver states in the
-        # orthonormal basis (Q^T p = beta, ||beta|| <= 1): A_H^T p - m_H = T^T (Q^T p - beta)
-        # is larger by ||T|| ~ ||A_H||, which a tolerance relative to ||m_H|| does not follow
-        # (Newton at v = 49,152: 1e-5 in the basis, 1e-3 in A_H's units; without this the
-        # phase ran FISTA to its cap on every decoding step).
-        q_res = jnp.max(jnp.abs(p_ng @ problem.Q - problem.beta(m_ng)))
-        basis_tol = default_feas_rtol(m_ng.dtype)
-        witnessed = (sol.status == Status.SOLVED) & ((sol.primal_residual <= feas_tol) | (q_res <= basis_tol))
-        m_ls = jnp.where(witnessed, p_ng @ problem.A, m_ng)
-        ls = least_squares(problem, m_ls, d.mask, p0=p_ng)
-        ls = ls._replace(status=jnp.where(witnessed, Status.SOLVED, ls.status).astype(ls.status.dtype))
-        sol = _select(ls.status == Status.INFEASIBLE, ls, sol)
+    return sol, new_warm, m, d
 
+
+def _witnessed(problem: BottleneckProblem, sol: Solution, m) -> Array:
+    """The row's own solution proves the hard constraints feasible (to tolerance)."""
+    from jaxens.solvers.feasibility import default_feas_rtol
+
+    p_ng = jax.lax.stop_gradient(sol.p)
+    m_ng = jax.lax.stop_gradient(m)
+    m_h = problem.hard_moments(m_ng)
+    feas_tol = default_feas_rtol(m_ng.dtype) * jnp.maximum(1.0, jnp.linalg.norm(m_h))
+    # ... or feasible to the solver's own tolerance, which every solver states in the
+    # orthonormal basis (Q^T p = beta, ||beta|| <= 1): A_H^T p - m_H = T^T (Q^T p - beta)
+    # is larger by ||T|| ~ ||A_H||, which a tolerance relative to ||m_H|| does not follow
+    # (Newton at v = 49,152: 1e-5 in the basis, 1e-3 in A_H's units; without this the
+    # phase ran FISTA to its cap on every decoding step).
+    q_res = jnp.max(jnp.abs(p_ng @ problem.Q - problem.beta(m_ng)))
+    basis_tol = default_feas_rtol(m_ng.dtype)
+    return (sol.status == Status.SOLVED) & ((sol.primal_residual <= feas_tol) | (q_res <= basis_tol))
+
+
+def _feasibility_fix(problem: BottleneckProblem, sol: Solution, m, mask, witnessed) -> Solution:
+    """The least-squares phase: an infeasible row gets the least-squares distribution and its
+    certificate (status ``INFEASIBLE``).
+
+    The feasibility verdict is piecewise constant; the least-squares fallback is returned
+    without a gradient (use the least_squares objective itself to differentiate it).  A
+    witnessed row (see :func:`_witnessed`) starts the phase at its own ``p`` with moments it
+    satisfies exactly and stops at iteration 0; other rows run to the least-squares optimum
+    and its certificate.  (Under vmap the loop runs as long as the slowest row, so rows that
+    need no check must not iterate; the combiner skips the phase altogether, with a
+    batch-level ``lax.cond``, when every row is witnessed.)
+    """
+    from jaxens.solvers.feasibility import least_squares
+
+    p_ng = jax.lax.stop_gradient(sol.p)
+    m_ng = jax.lax.stop_gradient(m)
+    m_ls = jnp.where(witnessed, p_ng @ problem.A, m_ng)
+    ls = least_squares(problem, m_ls, mask, p0=p_ng)
+    ls = ls._replace(status=jnp.where(witnessed, Status.SOLVED, ls.status).astype(ls.status.dtype))
+    return _select(ls.status == Status.INFEASIBLE, ls, sol)
+
+
+def _nonfinite_fallback(sol: Solution, d) -> Solution:
     fallback = sol._replace(
         p=_uniform_on(d.mask, sol.p.dtype),
         status=jnp.asarray(Status.NONFINITE_INPUT, sol.status.dtype),
     )
-    sol = _select(d.nonfinite, fallback, sol)
-    return sol, new_warm
+    return _select(d.nonfinite, fallback, sol)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,8 +228,22 @@ def bottleneck(
             raise ValueError(f"rho must be a scalar or have shape ({n},), got {r.shape}")
         return r
 
+    check = _needs_check(problem, objective, check_feasibility)
+
     def row(prob, x, w, r, warm):
-        return solve_row(prob, objective, solver, x, w, r, warm, check_feasibility)
+        """One row's objective solve (the least-squares phase follows, batched, in ``solve``)."""
+        sol, new_warm, m, d = _objective_row(prob, objective, solver, x, w, r, warm)
+        return sol, new_warm, m, d
+
+    def solve(prob, x, w, r, warm, warm_axis):
+        sol, new_warm, m, d = jax.vmap(row, in_axes=(None, 0, None, None, warm_axis))(prob, x, w, r, warm)
+        if check:
+            witnessed = jax.vmap(_witnessed, in_axes=(None, 0, 0))(prob, sol, m)
+            fix = jax.vmap(_feasibility_fix, in_axes=(None, 0, 0, 0, 0))
+            sol = jax.lax.cond(
+                jnp.all(witnessed | d.nonfinite), lambda s: s, lambda s: fix(prob, s, m, d.mask, witnessed), sol
+            )
+        return jax.vmap(_nonfinite_fallback)(sol, d), new_warm
 
     def _warm_shape(batch: int, dtype):
         if _cold_warm(problem, objective, solver, dtype) is None or not warm_start:
@@ -207,7 +251,7 @@ def bottleneck(
         x = jax.ShapeDtypeStruct((n, problem.vocab_size), dtype)
         w = jax.ShapeDtypeStruct((n,), dtype)
         cold = _cold_warm(problem, objective, solver, dtype)
-        out = jax.eval_shape(lambda x, w, r: row(problem, x, w, r, cold)[1], x, w, w)
+        out = jax.eval_shape(lambda x, w, r: solve_row(problem, objective, solver, x, w, r, cold, False)[1], x, w, w)
         return jax.tree.map(lambda s: jnp.zeros((batch,) + s.shape, s.dtype), out)
 
     def init(batch_size: int) -> BottleneckState:
@@ -230,7 +274,7 @@ def bottleneck(
         prob = state.problem
         cold = _cold_warm(problem, objective, solver, dtype)
         if cold is None or not warm_start:
-            sol, _ = jax.vmap(row, in_axes=(None, 0, None, None, None))(prob, x, w, r, cold)
+            sol, _ = solve(prob, x, w, r, cold, None)
             new_warm = ()
         else:
             warm = jax.tree.map(
@@ -238,7 +282,7 @@ def bottleneck(
                 state.warm,
                 cold,
             )
-            sol, new_warm = jax.vmap(row, in_axes=(None, 0, None, None, 0))(prob, x, w, r, warm)
+            sol, new_warm = solve(prob, x, w, r, warm, 0)
         p = sol.p
         if not (isinstance(lam, (int, float)) and lam == 0.0):
             d = jax.vmap(lambda xx: obj.row_data("kl", xx, w))(x)

@@ -223,6 +223,10 @@ class ADMM:
       polish_cap: the most free tokens the polish accepts (``None``: ``2 (r + k)`` for
         :meth:`solve`, ``2 r`` for :meth:`solve_ratio`; a vertex has at most ``r``).  Its KKT
         solve factorises a matrix of size ``cap + r``.
+      polish_max_size: the polish runs only when its KKT matrix (``cap + r``, static) has at most
+        this size: its factorisation is a sequential loop (no LAPACK: batched LAPACK deadlocks on
+        multi-device CPU meshes), too slow beyond a few hundred rows per row solved.  Larger problems
+        (e.g. SmolLM2's 577 constraints at v = 49,152) return the ADMM iterate (``NOT_RUN``).
       polish_iters: CG steps of the fallback correction when the active-set polish is not
         accepted (0 disables it): ``z`` gets the scaled minimum-norm correction
         ``p = z - z * (Q y)``, ``Q^T Z Q y = Q^T z - beta``, which keeps its support and sign; it
@@ -249,6 +253,7 @@ class ADMM:
     polish_delta: float | None = None
     polish_cap: int | None = None
     polish_iters: int = 50
+    polish_max_size: int = 768
     adjoint: Literal["implicit", "unrolled"] = "implicit"
     unroll_steps: int = 2000
 
@@ -457,6 +462,17 @@ def _active_set_polish(solver: ADMM, Q, beta, lower, upper, free, cap, round_fn,
     )
     _, _, _, best_p, status, viol_out, _ = jax.lax.while_loop(cond, body, init)
     return _Polished(best_p, status, viol_out.astype(dtype))
+
+
+def _num_soft_cols(problem) -> int:
+    return sum(problem.member_cols[i] for i in problem.soft)
+
+
+def _polish_size(solver: ADMM, q_shape, k: int) -> int:
+    """Static size ``cap + r`` of the polish's KKT matrix (shapes only)."""
+    v, r = q_shape
+    cap = min(2 * (r + k) if solver.polish_cap is None else solver.polish_cap, v)
+    return cap + r
 
 
 def _polish_qp(solver: ADMM, Q, beta, U, g0, mask, box, state: ADMMState) -> _Polished:
@@ -731,7 +747,7 @@ def _admm_solve(solver: ADMM, problem: BottleneckProblem, c, F, mask, m, rho, x0
     rho0 = jnp.asarray(solver.rho0, dtype) if rho0 is None else jax.lax.stop_gradient(rho0)
     state = _loop(solver, x_update, z_update, grad_norm, x, z, u, rho0, L_S)
     polished = None
-    if solver.polish:
+    if solver.polish and _polish_size(solver, prob_ng.Q.shape, F_ng.shape[1] + _num_soft_cols(prob_ng)) <= solver.polish_max_size:
         p_ng = (prob_ng, c_ng, F_ng, m_ng, rho_ng)
         U, g0 = _qp_factor(p_ng), _qp_grad(jnp.zeros((v,), dtype), p_ng)
         polished = _polish_qp(solver, prob_ng.Q, beta, U, jnp.where(mask, g0, 0.0), mask, box, state)
