@@ -145,9 +145,18 @@ def _witnessed(problem: BottleneckProblem, sol: Solution, m) -> Array:
     # is larger by ||T|| ~ ||A_H||, which a tolerance relative to ||m_H|| does not follow
     # (Newton at v = 49,152: 1e-5 in the basis, 1e-3 in A_H's units; without this the
     # phase ran FISTA to its cap on every decoding step).
-    q_res = jnp.max(jnp.abs(p_ng @ problem.Q - problem.beta(m_ng)))
+    # The basis sees only the part of m_H in range(T^T): beta = pinv(T^T) [m_H; 1] drops the
+    # rest, so with duplicated / rank-deficient members (two copies of W asked for different
+    # moments) Q^T p = beta can hold while A_H^T p = m_H cannot.  The basis witness therefore
+    # also needs m_H consistent: A_H^T (Q beta) = m_H to ``feas_tol`` (a property of the data,
+    # computed without a solver's error; members that round differently, e.g. bfloat16 logits
+    # of members that agree, are inconsistent and go through the least-squares phase).
+    beta = problem.beta(m_ng)
+    q_res = jnp.max(jnp.abs(p_ng @ problem.Q - beta))
+    incons = jnp.max(jnp.abs((problem.Q @ beta) @ problem.A_hard - m_h))
     basis_tol = default_feas_rtol(m_ng.dtype)
-    return (sol.status == Status.SOLVED) & ((sol.primal_residual <= feas_tol) | (q_res <= basis_tol))
+    in_basis = (q_res <= basis_tol) & (incons <= feas_tol)
+    return (sol.status == Status.SOLVED) & ((sol.primal_residual <= feas_tol) | in_basis)
 
 
 def _feasibility_fix(problem: BottleneckProblem, sol: Solution, m, mask, witnessed) -> Solution:
