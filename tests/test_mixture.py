@@ -144,8 +144,10 @@ def test_validation(members):
         Decoder(members, me(), Sampler(temperature=0.7))
     with pytest.raises(ValueError, match="ME never computes"):
         Decoder(members, me(), Sampler(), truncation=lambda lp, ls: jnp.ones(lp.shape, bool))
-    assert MixtureEnsemble(max_pending=8).chunk_sizes == (1, 2, 4, 8)
-    assert MixtureEnsemble(max_pending=6).chunk_sizes == (1, 2, 4, 6)
+    assert MixtureEnsemble(max_pending=8).chunk_sizes == (1, 2, 3, 4, 6, 8)
+    assert MixtureEnsemble(max_pending=6).chunk_sizes == (1, 2, 3, 4, 6)
+    assert MixtureEnsemble(max_pending=16).chunk_sizes == (1, 2, 3, 4, 6, 8, 12, 16)
+    assert MixtureEnsemble(max_pending=2).chunk_sizes == (1, 2)
     assert MixtureEnsemble(max_pending=1).chunk_sizes == (1,)
     assert hash(me([1, 2])) == hash(me(np.array([1.0, 2.0])))
 
