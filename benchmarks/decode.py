@@ -216,6 +216,12 @@ def main():
     info["prompt_tokens"] = len(ids)
     info["prompt_text"] = tok.decode(ids)
 
+    def _write(partial: bool):
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"info": {**info, "partial": partial}, "rows": rows}, indent=2))
+        return out
+
     def add(group, name, batch, n_members, steady, compile_s, baseline=None, target=None, extra=None):
         tps = batch * a.new_tokens / steady
         row = dict(group=group, name=name, batch=batch, members=n_members, time_s=round(steady, 4),
@@ -228,6 +234,7 @@ def main():
         if extra:
             row.update(extra)
         rows.append(row)
+        _write(partial=True)  # a long run stopped by hand keeps the rows it measured
         r = f" ratio {row['ratio']:.2f}x vs {baseline['name']} (target {target})" if baseline else ""
         print(f"  {group:<10} {name:<28} B={batch} n={n_members}: {tps:8.1f} tok/s "
               f"({row['ms_per_step']:.1f} ms/step, compile {compile_s:.1f}s){r}", flush=True)
@@ -351,10 +358,7 @@ def main():
         print(f"| {r['group']} | {r['name']} | {r['batch']} | {r['members']} | {r['tokens_per_s']:.1f} | "
               f"{r['ms_per_step']:.1f} | {r['compile_s']:.1f} | {r.get('ratio', '')} | {r.get('target', '') or ''} |")
     print(f"load average start {info['loadavg_start']} end {info['loadavg_end']}; threads {a.threads}")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"info": info, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {_write(partial=False)}")
     return 0
 
 
