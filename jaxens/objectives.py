@@ -66,7 +66,8 @@ tokens every member rules out.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -109,13 +110,20 @@ def row_data(objective: str, logits: Float[Array, "n v"], weights: Float[Array, 
     ruled_out = logp == -jnp.inf
     if objective in STRICT_MASK:
         # members with zero weight do not veto tokens
-        mask = ~jnp.any(ruled_out & (weights[:, None] > 0), axis=0)
+        mask = ~over_members(jnp.logical_or, ruled_out & (weights[:, None] > 0))
     else:
-        mask = ~jnp.all(ruled_out, axis=0)
+        mask = ~over_members(jnp.logical_and, ruled_out)
     # a row in which the objective's mask removes everything: fall back to the loose mask
-    mask = jnp.where(jnp.any(mask), mask, ~jnp.all(ruled_out, axis=0))
+    mask = jnp.where(jnp.any(mask), mask, ~over_members(jnp.logical_and, ruled_out))
     w = weights / jnp.sum(weights)
     return RowData(logp, mask, nonfinite, w)
+
+
+def over_members(op: Any, x: Array) -> Array:
+    """Reduce the member axis (axis 0, static size ``n``) with the binary ``op``, as ``n - 1``
+    elementwise ops: XLA:CPU reduces a small non-minor axis of ``(B, n, v)`` ~10x slower
+    (3 ms vs 0.3 ms at ``v = 49,152``) than it adds ``n`` vectors."""
+    return functools.reduce(op, [x[i] for i in range(x.shape[0])])
 
 
 def _finite(x: Array) -> Array:
@@ -124,7 +132,7 @@ def _finite(x: Array) -> Array:
 
 def linear_cost(d: RowData) -> Float[Array, " v"]:
     """``sum_ce``: :math:`c = -\\sum_i w_i \\ell_i` (0 on masked tokens, which are pinned to 0)."""
-    c = -jnp.sum(jnp.where(d.weights[:, None] > 0, d.weights[:, None] * _finite(d.logp), 0.0), axis=0)
+    c = -over_members(jnp.add, jnp.where(d.weights[:, None] > 0, d.weights[:, None] * _finite(d.logp), 0.0))
     return jnp.where(d.mask, c, 0.0)
 
 
@@ -147,7 +155,7 @@ def uniform_prior(d: RowData) -> Float[Array, " v"]:
 
 def mixture_weights(d: RowData) -> Float[Array, " v"]:
     """``cross_entropy``: :math:`s = \\sum_i w_i \\hat p_i` (probability average)."""
-    return jnp.where(d.mask, jnp.sum(d.weights[:, None] * jnp.exp(d.logp), axis=0), 0.0)
+    return jnp.where(d.mask, over_members(jnp.add, d.weights[:, None] * jnp.exp(d.logp)), 0.0)
 
 
 def underestimation_bound(d: RowData) -> Float[Array, " v"]:
@@ -160,8 +168,8 @@ def underestimation_bound(d: RowData) -> Float[Array, " v"]:
     members that allow the token.
     """
     use = d.weights[:, None] > 0
-    u = jnp.min(jnp.where(use, d.logp, jnp.inf), axis=0)  # log r_j, -inf where some member vetoes
-    u_loose = jnp.min(jnp.where(use & (d.logp > -jnp.inf), d.logp, jnp.inf), axis=0)
+    u = over_members(jnp.minimum, jnp.where(use, d.logp, jnp.inf))  # log r_j, -inf where some member vetoes
+    u_loose = over_members(jnp.minimum, jnp.where(use & (d.logp > -jnp.inf), d.logp, jnp.inf))
     u = jnp.where(jnp.any(d.mask & (u > -jnp.inf)), u, u_loose)
     u = jnp.where(d.mask & (u < jnp.inf), u, -jnp.inf)
     top = jnp.max(u)

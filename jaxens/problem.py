@@ -18,6 +18,12 @@ A :class:`BottleneckProblem` is built once per ensemble (eagerly, in float64 num
 by every step and every batch row.  It caches
 
 * ``A`` (``v x D``) in the working dtype, and each member's column slice;
+* ``A_con``: a contiguous copy of the *constrained* (hard and soft) members' columns, when
+  some member is unconstrained (``None`` otherwise: then they are all of ``A``).  A column
+  slice of a row-major ``v x D`` matrix is a strided copy, and XLA does not hoist it out of a
+  ``while_loop`` whose carry holds the problem (the decode loop): every per-step product with
+  the constrained columns reads ``A_con`` (or ``A``) whole and slices the small result instead
+  (see :meth:`BottleneckProblem.moments`, :meth:`BottleneckProblem.hard_products`);
 * ``Q`` (``v x r``): an orthonormal basis of :math:`\mathrm{span}[A_H, \mathbf 1]` with its
   numerical rank ``r`` (duplicated or rank-deficient ``W`` are handled here, once);
 * ``T_pinv`` (``r x (D_H + 1)``): maps the hard moments :math:`[m_H; 1]` to
@@ -51,6 +57,9 @@ class BottleneckProblem:
     member_cols: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     hard: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     soft: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    # A[:, columns(constrained)], contiguous; None when every member is constrained.  Replace
+    # it together with A (``with_A``); it is a cache, not an independent parameter.
+    A_con: Float[Array, "v Dc"] | None = None
 
     # ----- static helpers (shapes only; safe at trace time) -----
     @property
@@ -75,27 +84,96 @@ class BottleneckProblem:
         idx = [np.arange(self.member_slice(i).start, self.member_slice(i).stop) for i in members]
         return np.concatenate(idx) if idx else np.zeros((0,), np.int64)
 
+    @property
+    def constrained(self) -> tuple[int, ...]:
+        """The members whose moments any objective reads: ``hard`` and ``soft``, sorted."""
+        return tuple(sorted(set(self.hard) | set(self.soft)))
+
+    @property
+    def A_constrained(self) -> Float[Array, "v Dc"]:
+        """The constrained members' columns of ``A``: ``A_con``, or ``A`` when every member is
+        constrained (or none is: then nothing reads them)."""
+        return self.A if self.A_con is None else self.A_con
+
+    def _block_index(self, members: Sequence[int]) -> tuple[Any, dict[int, slice]]:
+        """``(M, {i: columns of member i in M})`` with ``M`` ``A_constrained`` when it holds
+        every member in ``members``, else ``A``."""
+        members = tuple(members)
+        if self.A_con is not None and set(members) <= set(self.constrained):
+            M, order = self.A_con, self.constrained
+        else:
+            M, order = self.A, tuple(range(self.num_members))
+        where, start = {}, 0
+        for i in order:
+            where[i] = slice(start, start + self.member_cols[i])
+            start += self.member_cols[i]
+        return M, where
+
     def A_of(self, members: Sequence[int]) -> Float[Array, "v Dm"]:
-        """``A`` restricted to the columns of ``members`` (static slicing)."""
+        """``A`` restricted to the columns of ``members`` (static slicing; no copy when
+        ``members`` are all members or exactly the constrained ones)."""
         members = tuple(members)
         if members == tuple(range(self.num_members)):
             return self.A
-        return jnp.concatenate([self.A[:, self.member_slice(i)] for i in members], axis=1)
+        if members and members == self.constrained:
+            return self.A_constrained
+        M, where = self._block_index(members)
+        return jnp.concatenate([M[:, where[i]] for i in members], axis=1)
 
     @property
     def A_hard(self) -> Float[Array, "v Dh"]:
         return self.A_of(self.hard)
 
+    def _hard_in_constrained(self) -> Any:
+        """Static index of the hard columns within ``A_constrained`` (a slice when contiguous)."""
+        _, where = self._block_index(self.constrained)
+        idx = np.concatenate([np.arange(where[i].start, where[i].stop) for i in self.hard]) if self.hard else np.zeros((0,), np.int64)
+        if idx.size and np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):
+            return slice(int(idx[0]), int(idx[0]) + idx.size)
+        return idx
+
     # ----- per-row helpers (traceable) -----
-    def moments(self, probs: Float[Array, "*B n v"]) -> Float[Array, "*B D"]:
-        """``m = [A_1^T p_1; ...; A_n^T p_n]`` for member distributions ``probs``."""
+    def hard_products(self, x: Float[Array, "*B v"]) -> Float[Array, "*B Dh"]:
+        """``A_H^T x`` as one pass over ``A_constrained`` (no strided copy of ``A_H``)."""
+        return (x @ self.A_constrained)[..., self._hard_in_constrained()]
+
+    def moments(
+        self, probs: Float[Array, "*B n v"], members: Sequence[int] | None = None
+    ) -> Float[Array, "*B D"]:
+        """``m = [A_1^T p_1; ...; A_n^T p_n]`` for member distributions ``probs``.
+
+        ``members``: compute only these members' blocks and leave the others 0 (default all).
+        The solvers read only the constrained members' moments (the others have weight 0):
+        with ``members=problem.constrained`` an unconstrained member (the KL prior, say) costs
+        no read of its unembedding.  The blocks come from one product ``P_S M`` (``P_S`` the
+        requested members' rows, ``M`` = ``A_constrained`` or ``A``, read once whole) and
+        static slices of that small result: a matrix-matrix product with a few rows costs
+        about the memory pass of one mat-vec, where slicing ``A`` by columns would copy it.
+        """
         if probs.shape[-2:] != (self.num_members, self.vocab_size):
             raise ValueError(
                 f"probs must have shape (..., n={self.num_members}, v={self.vocab_size}), "
                 f"got {probs.shape}"
             )
-        parts = [probs[..., i, :] @ self.A[:, self.member_slice(i)] for i in range(self.num_members)]
+        members = tuple(range(self.num_members)) if members is None else tuple(sorted(set(members)))
+        dtype = jnp.result_type(probs.dtype, self.A.dtype)
+        if not members:
+            return jnp.zeros(probs.shape[:-2] + (sum(self.member_cols),), dtype)
+        M, where = self._block_index(members)
+        prods = probs[..., list(members), :] @ M  # (*B, |S|, cols of M)
+        row = {i: k for k, i in enumerate(members)}
+        parts = [
+            prods[..., row[i], where[i]]
+            if i in row
+            else jnp.zeros(probs.shape[:-2] + (self.member_cols[i],), dtype)
+            for i in range(self.num_members)
+        ]
         return jnp.concatenate(parts, axis=-1)
+
+    def with_A(self, A: Float[Array, "v D"], **changes: Any) -> "BottleneckProblem":
+        """``dataclasses.replace(self, A=A, ...)`` with the ``A_con`` cache rebuilt from ``A``."""
+        A_con = None if self.A_con is None else A[:, self.columns(self.constrained)]
+        return dataclasses.replace(self, A=A, A_con=A_con, **changes)
 
     def hard_moments(self, m: Float[Array, "*B D"]) -> Float[Array, "*B Dh"]:
         return m[..., self.columns(self.hard)]
@@ -110,7 +188,7 @@ class BottleneckProblem:
         """``||A_H^T p - m_H||_inf`` (0 when there are no hard members)."""
         if not self.hard:
             return jnp.zeros(p.shape[:-1], p.dtype)
-        return jnp.max(jnp.abs(p @ self.A_hard - self.hard_moments(m)), axis=-1)
+        return jnp.max(jnp.abs(self.hard_products(p) - self.hard_moments(m)), axis=-1)
 
 
 def _as_np(x: Any) -> np.ndarray:
@@ -218,7 +296,10 @@ def make_problem(
     starts = np.cumsum((0,) + member_cols)
     lip_m = np.array([np.linalg.eigvalsh(G[a:b, a:b])[-1] for a, b in zip(starts[:-1], starts[1:])])
     cast = lambda x: jnp.asarray(x, dtype=dtype)  # noqa: E731
+    con = sorted(set(hard_t) | set(soft_t))
+    con_cols = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in con]) if con else None
     return BottleneckProblem(
+        A_con=None if len(con) in (0, n) else cast(A[:, con_cols]),
         A=cast(A),
         Q=cast(Q),
         T_pinv=cast(T_pinv),

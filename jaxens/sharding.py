@@ -193,7 +193,7 @@ def pad_problem(problem: BottleneckProblem, v_pad: int) -> BottleneckProblem:
     if v_pad == v:
         return problem
     pad = lambda M: jnp.pad(M, ((0, v_pad - v), (0, 0)))  # noqa: E731
-    return dataclasses.replace(problem, A=pad(problem.A), Q=pad(problem.Q))
+    return problem.with_A(pad(problem.A), Q=pad(problem.Q))
 
 
 def problem_shardings(problem: BottleneckProblem, config: ShardingConfig) -> BottleneckProblem:
@@ -201,7 +201,8 @@ def problem_shardings(problem: BottleneckProblem, config: ShardingConfig) -> Bot
     rows = config.sharding(config.vocab_axis, None)
     rep = config.replicated()
     return dataclasses.replace(
-        problem, A=rows, Q=rows, T_pinv=rep, lipschitz_hard=rep, lipschitz_members=rep
+        problem, A=rows, Q=rows, T_pinv=rep, lipschitz_hard=rep, lipschitz_members=rep,
+        A_con=None if problem.A_con is None else rows,
     )
 
 

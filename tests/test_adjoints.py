@@ -252,10 +252,13 @@ def test_min_underestimation_basis_gradient_finite_differences():
         assert abs(an - fd) <= 1e-6 + 1e-4 * abs(fd), (adj, an, fd)
 
 
-@pytest.mark.parametrize("objective", ["kl", "sum_sq_ce"])
-def test_gradient_wrt_unembeddings(objective):
-    """d/dW through differentiable_problem + the combiner, vs finite differences (float64)."""
-    Ws, problem, x = _case(objective, "all", seed=5)
+@pytest.mark.parametrize("objective,config", [("kl", "all"), ("sum_sq_ce", "all"), ("kl", "subset")])
+def test_gradient_wrt_unembeddings(objective, config):
+    """d/dW through differentiable_problem + the combiner, vs finite differences (float64).
+    In the "subset" case (hard = member 0) the others are unconstrained, so W0 reaches the solve through
+    the problem's ``A_con`` cache as well as ``Q``."""
+    Ws, problem, x = _case(objective, config, seed=5)
+    assert (problem.A_con is None) == (config == "all")
     rng = np.random.default_rng(6)
     a = jnp.asarray(rng.normal(size=V))
     solver = _solver(objective, "implicit")

@@ -151,6 +151,26 @@ def test_hessian_topk_and_warm_start():
     np.testing.assert_allclose(warm.p, full.p, atol=1e-12)
 
 
+def test_topk_hessian_with_tail_is_a_psd_underestimate():
+    """The top-k Hessian with the tail's mean (``pG``) is PSD and below the exact one in the
+    Loewner order (Cauchy-Schwarz; see ``_hessian``), and exact when the tail is one token."""
+    from jaxens.solvers.newton import _build, _hessian
+
+    Ws, phat, m, problem = instance("fits", v=200, n=2, d=6, seed=4)
+    mask = jnp.ones(200, bool)
+    d = _build(problem, jnp.asarray(np.log(phat).mean(0)), mask, jnp.asarray(m), jnp.ones(2))
+    rng = np.random.default_rng(0)
+    eig = lambda M: np.linalg.eigvalsh(0.5 * (M + M.T))  # noqa: E731
+    for scale in (0.5, 3.0):  # flat (heavy tail) and peaked distributions
+        p = jnp.asarray(_softmax(scale * rng.normal(size=200)))
+        exact = np.asarray(_hessian(d, p, None))
+        for k in (5, 20, 100):
+            tail = np.asarray(_hessian(d, p, k, pG=p @ d.G))
+            assert eig(tail).min() >= -1e-12
+            assert eig(exact - tail).min() >= -1e-12
+        np.testing.assert_allclose(np.asarray(_hessian(d, p, 199, pG=p @ d.G)), exact, atol=1e-13)
+
+
 @pytest.mark.parametrize("hard,soft", [((0,), (1, 2)), ((), (0, 1, 2))])
 def test_soft_constraints_match_cvxpy(hard, soft):
     Ws, phat, m, problem = instance("random", seed=3, hard=hard, soft=soft)

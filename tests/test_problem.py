@@ -80,3 +80,47 @@ def test_moments_shape_error():
     P = jaxens.make_problem([np.eye(5)[:, :2]])
     with pytest.raises(ValueError, match=r"\(\.\.\., n=1, v=5\)"):
         P.moments(jnp.ones((2, 5)))
+
+
+def test_constrained_columns_cache_and_member_subsets():
+    """A_con holds the constrained members' columns (contiguous) when some member is
+    unconstrained; moments(members=...) and hard_products read it and agree with A's slices."""
+    rng = np.random.default_rng(5)
+    Ws = _members(rng)
+    b = rng.normal(size=60)
+    with jax.enable_x64(True):
+        P = jaxens.make_problem(Ws, [None, b, None], hard=(2,), soft=(0,), dtype=jnp.float64)
+        A = np.asarray(P.A)
+        assert P.constrained == (0, 2)
+        np.testing.assert_array_equal(np.asarray(P.A_con), A[:, P.columns((0, 2))])
+        np.testing.assert_array_equal(np.asarray(P.A_hard), A[:, P.columns((2,))])
+        np.testing.assert_array_equal(np.asarray(P.A_of((0,))), A[:, P.columns((0,))])
+        probs = rng.dirichlet(np.ones(60), size=(4, 3))  # (B, n, v)
+        full = np.stack([np.concatenate([probs[k, i] @ A[:, P.member_slice(i)] for i in range(3)]) for k in range(4)])
+        np.testing.assert_allclose(np.asarray(P.moments(jnp.asarray(probs))), full, rtol=1e-12)
+        sub = np.asarray(P.moments(jnp.asarray(probs), P.constrained))
+        keep = P.columns((0, 2))
+        np.testing.assert_allclose(sub[:, keep], full[:, keep], rtol=1e-12)
+        assert np.all(sub[:, P.columns((1,))] == 0.0)
+        np.testing.assert_allclose(np.asarray(P.moments(jnp.asarray(probs), (1,)))[:, P.columns((1,))],
+                                   full[:, P.columns((1,))], rtol=1e-12)
+        np.testing.assert_allclose(np.asarray(P.hard_products(jnp.asarray(probs[:, 0]))),
+                                   probs[:, 0] @ A[:, P.columns((2,))], rtol=1e-12)
+        # with_A rebuilds the cache from the new A
+        A2 = jnp.asarray(A * 2.0)
+        P2 = P.with_A(A2)
+        np.testing.assert_array_equal(np.asarray(P2.A_con), 2.0 * A[:, P.columns((0, 2))])
+    # every member constrained, or none: no copy is kept
+    assert jaxens.make_problem(Ws).A_con is None
+    assert jaxens.make_problem(Ws, hard=None).A_con is None
+
+
+def test_pad_problem_keeps_the_constrained_cache():
+    from jaxens.sharding import pad_problem
+
+    rng = np.random.default_rng(6)
+    P = jaxens.make_problem(_members(rng), hard=(1,))
+    Pp = pad_problem(P, 64)
+    assert Pp.A_con.shape == (64, 5)
+    np.testing.assert_array_equal(np.asarray(Pp.A_con)[:60], np.asarray(P.A_con))
+    np.testing.assert_array_equal(np.asarray(Pp.A_con)[60:], 0.0)

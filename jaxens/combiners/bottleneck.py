@@ -103,7 +103,7 @@ def _objective_row(problem, objective, solver, logits, weights, rho, warm):
 
     d = obj.row_data(objective, logits, weights)
     probs = jnp.exp(d.logp)
-    m = problem.moments(probs)
+    m = problem.moments(probs, problem.constrained)
     name = type(solver).__name__
 
     if objective == "least_squares":
@@ -153,7 +153,7 @@ def _witnessed(problem: BottleneckProblem, sol: Solution, m) -> Array:
     # of members that agree, are inconsistent and go through the least-squares phase).
     beta = problem.beta(m_ng)
     q_res = jnp.max(jnp.abs(p_ng @ problem.Q - beta))
-    incons = jnp.max(jnp.abs((problem.Q @ beta) @ problem.A_hard - m_h))
+    incons = jnp.max(jnp.abs(problem.hard_products(problem.Q @ beta) - m_h))
     basis_tol = default_feas_rtol(m_ng.dtype)
     in_basis = (q_res <= basis_tol) & (incons <= feas_tol)
     return (sol.status == Status.SOLVED) & ((sol.primal_residual <= feas_tol) | in_basis)
@@ -175,7 +175,8 @@ def _feasibility_fix(problem: BottleneckProblem, sol: Solution, m, mask, witness
 
     p_ng = jax.lax.stop_gradient(sol.p)
     m_ng = jax.lax.stop_gradient(m)
-    m_ls = jnp.where(witnessed, p_ng @ problem.A, m_ng)
+    own = problem.moments(jnp.broadcast_to(p_ng, (problem.num_members,) + p_ng.shape), problem.constrained)
+    m_ls = jnp.where(witnessed, own, m_ng)
     ls = least_squares(problem, m_ls, mask, p0=p_ng)
     ls = ls._replace(status=jnp.where(witnessed, Status.SOLVED, ls.status).astype(ls.status.dtype))
     return _select(ls.status == Status.INFEASIBLE, ls, sol)

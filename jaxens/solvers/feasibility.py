@@ -154,7 +154,7 @@ def _least_squares(problem, m, mask, solver, ub, feas_rtol, decide, p0):
         stop_arg=(feas_tol, hard_cols),
     )
     p = sol.p
-    r = m_h - p @ problem.A_hard  # m_H - A_H^T p
+    r = m_h - problem.hard_products(p)  # m_H - A_H^T p
     rn = jnp.linalg.norm(r)
     d = r / jnp.maximum(rn, jnp.finfo(dtype).tiny)
     ub_eff = None if ub is None else jnp.where(mask, jnp.asarray(ub, dtype), 0.0)
@@ -166,7 +166,7 @@ def _least_squares(problem, m, mask, solver, ub, feas_rtol, decide, p0):
     # e = [m_H; 1] - [A_H, 1]^T x (x = Q beta, the min-norm least-squares solution) lies in the
     # null space of [A_H, 1], so d = e_A / ||e|| has margin ||e|| with no iteration at all.
     xh = problem.Q @ problem.beta(m)
-    e_m = m_h - xh @ problem.A_hard
+    e_m = m_h - problem.hard_products(xh)
     e_1 = 1.0 - jnp.sum(xh)
     en = jnp.sqrt(jnp.sum(e_m * e_m) + e_1 * e_1)
     d_null = e_m / jnp.maximum(en, jnp.finfo(dtype).tiny)

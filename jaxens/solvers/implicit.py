@@ -37,7 +37,6 @@ The *unrolled* alternative (differentiate through a fixed number of Newton steps
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -137,4 +136,4 @@ def differentiable_problem(problem: BottleneckProblem, A: Float[Array, "v D"]) -
     lip_h = jnp.linalg.eigvalsh(An[:, hard_cols].T @ An[:, hard_cols])[-1] if hard_cols.size else jnp.zeros((), A.dtype)
     starts = np.cumsum((0,) + problem.member_cols)
     lip_m = jnp.stack([jnp.linalg.eigvalsh(An[:, a:b].T @ An[:, a:b])[-1] for a, b in zip(starts[:-1], starts[1:])])
-    return dataclasses.replace(problem, A=A, Q=Q, T_pinv=T_pinv, lipschitz_hard=lip_h, lipschitz_members=lip_m)
+    return problem.with_A(A, Q=Q, T_pinv=T_pinv, lipschitz_hard=lip_h, lipschitz_members=lip_m)
