@@ -28,8 +28,9 @@ Timings exclude compilation: each configuration is run once to compile (its wall
 the steady-state time is reported as ``compile_s``), then ``--repeats`` times; the median is
 reported.  Every row generates exactly ``--new-tokens`` tokens per sequence (no stop tokens).
 A bottleneck row's ratio is against logit averaging timed just before and just after it (the
-mean of the two; both are in the JSON as ``baseline_ms_per_step``), so a shared machine that
-slows down mid-run moves the baseline with the row.
+mean of the two medians; both are in the JSON as ``baseline_ms_per_step``), so a shared machine
+that slows down mid-run moves the baseline with the row; ``ratio_best`` compares the fastest
+repeat of each side (``best_ms_per_step``, ``baseline_best_ms_per_step``).
 torch and XLA get the same number of threads (``--threads``, default all cores).
 """
 
@@ -103,17 +104,18 @@ def loadavg() -> list[float]:
         return []
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """``(steady seconds (median of repeats), compile seconds)`` of ``fn()``."""
+def timed(fn, repeats: int, times: list | None = None) -> tuple[float, float]:
+    """``(steady seconds (median of repeats), compile seconds)`` of ``fn()``; ``times``, when
+    given, receives every repeat's seconds."""
     t = time.perf_counter()
     fn()
     first = time.perf_counter() - t
-    times = []
+    out = [] if times is None else times
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
-    steady = float(np.median(times))
+        out.append(time.perf_counter() - t)
+    steady = float(np.median(out))
     return steady, max(first - steady, 0.0)
 
 
@@ -346,28 +348,35 @@ def main():
             def run_b(dec=dec):
                 holder["out"] = jax_decode_fn(dec, bids, B, a.new_tokens)()
 
-            before, _ = timed(jax_decode_fn(avg, bids, B, a.new_tokens), a.repeats)
-            steady, comp = timed(run_b, a.repeats)
-            after, _ = timed(jax_decode_fn(avg, bids, B, a.new_tokens), a.repeats)
+            base_times, row_times = [], []
+            before, _ = timed(jax_decode_fn(avg, bids, B, a.new_tokens), a.repeats, base_times)
+            steady, comp = timed(run_b, a.repeats, row_times)
+            after, _ = timed(jax_decode_fn(avg, bids, B, a.new_tokens), a.repeats, base_times)
             # the ratio against the baseline timed just before and just after this row (a noisy
-            # machine moves both together; the baseline row above is only the first timing)
+            # machine moves both together; the baseline row above is only the first timing);
+            # also best-of-repeats on both sides (the least disturbed runs)
             adjacent = 0.5 * (before + after)
             near = dict(name="logit_average (greedy, timed before and after this row)",
                         tokens_per_s=B * a.new_tokens / adjacent)
             st = holder["out"].stats
+            ms_step = lambda t: round(1000 * t / a.new_tokens, 2)  # noqa: E731
             add("bottleneck", spec, B, len(ms), steady, comp, near, ">= 0.5",
-                extra=dict(baseline_ms_per_step=[round(1000 * t / a.new_tokens, 2) for t in (before, after)],
+                extra=dict(baseline_ms_per_step=[ms_step(t) for t in (before, after)],
+                           best_ms_per_step=ms_step(min(row_times)),
+                           baseline_best_ms_per_step=ms_step(min(base_times)),
+                           ratio_best=round(min(base_times) / min(row_times), 3),
                            problem_build_s=round(build, 2),
                            status_histogram=np.asarray(st.status).sum(axis=0).tolist(),
                            max_iterations=float(np.max(st.iterations)),
                            max_primal_residual=float(np.max(st.primal_residual))))
 
     info["loadavg_end"] = loadavg()
-    print("\n| group | name | B | n | tok/s | ms/step | compile s | ratio | target |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| group | name | B | n | tok/s | ms/step | compile s | ratio | best-of ratio | target |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['group']} | {r['name']} | {r['batch']} | {r['members']} | {r['tokens_per_s']:.1f} | "
-              f"{r['ms_per_step']:.1f} | {r['compile_s']:.1f} | {r.get('ratio', '')} | {r.get('target', '') or ''} |")
+              f"{r['ms_per_step']:.1f} | {r['compile_s']:.1f} | {r.get('ratio', '')} | {r.get('ratio_best', '')} | "
+              f"{r.get('target', '') or ''} |")
     print(f"load average start {info['loadavg_start']} end {info['loadavg_end']}; threads {a.threads}")
     print(f"wrote {_write(partial=False)}")
     return 0

@@ -151,11 +151,16 @@ def _witnessed(problem: BottleneckProblem, sol: Solution, m) -> Array:
     # also needs m_H consistent: A_H^T (Q beta) = m_H to ``feas_tol`` (a property of the data,
     # computed without a solver's error; members that round differently, e.g. bfloat16 logits
     # of members that agree, are inconsistent and go through the least-squares phase).
+    # When [A_H, 1] has full column rank (rank = D_H + 1: no duplicated or rank-deficient hard
+    # member) T^T is square and invertible, every m_H is consistent, and the check (two more
+    # v-length passes per row and step) is skipped: a static decision on the problem's shapes.
     beta = problem.beta(m_ng)
     q_res = jnp.max(jnp.abs(p_ng @ problem.Q - beta))
-    incons = jnp.max(jnp.abs(problem.hard_products(problem.Q @ beta) - m_h))
     basis_tol = default_feas_rtol(m_ng.dtype)
-    in_basis = (q_res <= basis_tol) & (incons <= feas_tol)
+    in_basis = q_res <= basis_tol
+    if problem.rank < m_h.shape[-1] + 1:
+        incons = jnp.max(jnp.abs(problem.hard_products(problem.Q @ beta) - m_h))
+        in_basis = in_basis & (incons <= feas_tol)
     return (sol.status == Status.SOLVED) & ((sol.primal_residual <= feas_tol) | in_basis)
 
 
