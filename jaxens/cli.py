@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--soft", type=int, nargs="+", metavar="I", help="members entering as soft penalties")
     b.add_argument("--rho", type=float, nargs="+", help="soft-constraint strength (one value or one per member)")
     b.add_argument("--lam", type=float, default=0.0, help="smoothing weight towards the logit average, in [0, 1]")
+    b.add_argument("--hessian-topk", type=int, metavar="K",
+                   help="bottleneck-kl / bottleneck-max_entropy: form the Newton Hessian from the K likeliest "
+                        "tokens (default: all; 2048 is about 4x faster per step at v = 49,152, see the README)")
     g.add_argument("--vocab-option", action="append", default=[], metavar="KEY=VALUE",
                    help="option of a cross-tokenizer method (gac, unite, deepen, safe; me across tokenizers)")
     g.add_argument("--chunk-steps", type=int, default=4, help="steps between streamed outputs")
@@ -137,7 +140,8 @@ def _read_prompts(args) -> list[str]:
 
 def _bottleneck_options(args) -> dict:
     """CLI flags -> options of :func:`jaxens.decode.bottleneck_combiner` (errors for other combiners)."""
-    given = [f for f, v in (("--hard", args.hard), ("--soft", args.soft), ("--rho", args.rho)) if v is not None]
+    given = [f for f, v in (("--hard", args.hard), ("--soft", args.soft), ("--rho", args.rho),
+                            ("--hessian-topk", args.hessian_topk)) if v is not None]
     if args.lam != 0.0:
         given.append("--lam")
     if not args.combiner.startswith("bottleneck-"):
@@ -146,6 +150,13 @@ def _bottleneck_options(args) -> dict:
                              f"not {args.combiner!r}")
         return {}
     opts = {"lam": args.lam, "vocab_size": args.vocab_size}
+    if args.hessian_topk is not None:
+        if args.combiner not in ("bottleneck-kl", "bottleneck-max_entropy"):
+            raise ValueError(f"--hessian-topk applies to bottleneck-kl and bottleneck-max_entropy (the Newton "
+                             f"solver), not {args.combiner!r}")
+        from jaxens.solvers.newton import EntropicNewton
+
+        opts["solver"] = EntropicNewton(hessian_topk=args.hessian_topk)
     if args.hard is not None:
         words = [h.lower() for h in args.hard]
         if words in (["all"], ["none"]):

@@ -173,3 +173,16 @@ def test_bottleneck_from_cli(capsys):
     with pytest.raises(SystemExit):
         cli.main(base + ["--combiner", "bottleneck-kl", "--hard", "x"])
     assert "--hard takes 'all', 'none' or member indices" in capsys.readouterr().err
+    # the top-k Hessian: same greedy tokens (the same solution, to the solver's tolerance)
+    code, out, _ = run(base + ["--combiner", "bottleneck-kl", "--hard", "0", "--hessian-topk", "8"], capsys)
+    _, full, _ = run(base + ["--combiner", "bottleneck-kl", "--hard", "0"], capsys)
+    assert code == 0 and out == full
+    from jaxens.solvers.newton import EntropicNewton
+
+    opts = cli._bottleneck_options(cli.build_parser().parse_args(
+        ["generate", "--member", "a", "--combiner", "bottleneck-kl", "--hessian-topk", "2048"]))
+    assert opts["solver"] == EntropicNewton(hessian_topk=2048)
+    for combiner, msg in (("bottleneck-sum_ce", "applies to bottleneck-kl"), ("logit_average", "only apply to")):
+        with pytest.raises(SystemExit):
+            cli.main(base + ["--combiner", combiner, "--hessian-topk", "8"])
+        assert msg in capsys.readouterr().err
