@@ -127,7 +127,8 @@ class BottleneckProblem:
     def _hard_in_constrained(self) -> Any:
         """Static index of the hard columns within ``A_constrained`` (a slice when contiguous)."""
         _, where = self._block_index(self.constrained)
-        idx = np.concatenate([np.arange(where[i].start, where[i].stop) for i in self.hard]) if self.hard else np.zeros((0,), np.int64)
+        parts = [np.arange(where[i].start, where[i].stop) for i in self.hard]
+        idx = np.concatenate(parts) if parts else np.zeros((0,), np.int64)
         if idx.size and np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):
             return slice(int(idx[0]), int(idx[0]) + idx.size)
         return idx

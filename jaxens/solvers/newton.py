@@ -188,7 +188,7 @@ def _top_tokens(p, topk: int | None, v: int):
 def _hessian(d: _Dual, p, topk: int | None, idx=None, pG=None) -> Float[Array, "k k"]:
     r"""``G^T(diag p - p p^T)G + R^{-1}``, from the tokens ``idx`` only when given (or the
     ``topk`` of largest mass): on a subset ``K`` with mass ``s`` it is
-    :math:`s(\mathrm{Cov}_q(g) + (1-s)\mu\mu^	op) \succeq 0` (``q = p_K/s``), a PSD
+    :math:`s(\mathrm{Cov}_q(g) + (1-s)\mu\mu^\top) \succeq 0` (``q = p_K/s``), a PSD
     under-estimate, so the Newton step stays a descent direction.
 
     With ``pG`` :math:`= G^\top p` over all tokens (the gradient's own product, free) the tail
