@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from jaxens.combiners.base import AveragingInfo, Combiner, EmptyState, check_member_logits, check_weights
+from jaxens.objectives import over_members
 
 
 def _member_log_probs(logits: Sequence[Array], temperature) -> tuple[Array, Array]:
@@ -42,7 +43,7 @@ def combine_logit_average(logits, weights=None, temperature=1.0):
     w = check_weights(weights, len(logits), lp.dtype)
     # 0 * (-inf) would be NaN: members with zero weight do not vote.
     terms = jnp.where(w[None, :, None] == 0, 0.0, w[None, :, None] * lp)
-    mixed = jnp.sum(terms, axis=1) / jnp.sum(w)
+    mixed = over_members(jnp.add, terms, axis=1) / jnp.sum(w)
     allmasked = jnp.all(mixed == -jnp.inf, axis=-1)
     bad = bad | allmasked
     mixed = jnp.where(allmasked[:, None], 0.0, mixed)

@@ -416,7 +416,7 @@ def _fista_eq(params):
 def _fista_factor(params):
     """``U`` with ``U U^T`` the Hessian: ``[F, sqrt(w_j) A_j for the weighted columns]``."""
     problem, _, F, _, rho, h = params
-    cols = problem.columns(tuple(sorted(set(problem.soft) | set(problem.hard))))
+    cols = problem.columns(problem.constrained)
     if cols.size == 0:
         return F
     w = column_weights(problem, rho, h)[cols]

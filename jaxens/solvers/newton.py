@@ -201,21 +201,20 @@ def _hessian(d: _Dual, p, topk: int | None, idx=None, pG=None) -> Float[Array, "
     when the tail is one token, for the price of an outer product.  (It is not above the plain
     form in the Loewner order; measured on real decode rows at v = 49,152 it needs fewer
     iterations at K = 2048 and 4096: ``benchmarks/bottleneck_solve_profile.py``.)"""
-    G = d.G
+    G, pk = d.G, p
     if idx is None:
         idx = _top_tokens(p, topk, G.shape[0])
-    if idx is None:
-        Gp = p @ G
-        return _gram(G, p) - jnp.outer(Gp, Gp) + jnp.diag(d.rinv)
-    G, pk = G[idx], p[idx]
+    if idx is not None:
+        G, pk = G[idx], p[idx]
     Gp = pk @ G
-    if pG is None:
-        return _gram(G, pk) - jnp.outer(Gp, Gp) + jnp.diag(d.rinv)
+    H = _gram(G, pk) + jnp.diag(d.rinv)
+    if idx is None or pG is None:  # all tokens, or the plain top-k form
+        return H - jnp.outer(Gp, Gp)
     tiny = jnp.finfo(p.dtype).tiny
     s_tail = jnp.maximum(jnp.sum(p) - jnp.sum(pk), 0.0)
     mu = pG - Gp
     tail = jnp.where(s_tail > 1e3 * tiny, 1.0 / jnp.maximum(s_tail, tiny), 0.0)
-    return _gram(G, pk) + tail * jnp.outer(mu, mu) - jnp.outer(pG, pG) + jnp.diag(d.rinv)
+    return H + tail * jnp.outer(mu, mu) - jnp.outer(pG, pG)
 
 
 def _expm1mx(x):
