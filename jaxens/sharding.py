@@ -20,7 +20,7 @@ Three mesh axes, each optional, named by a :class:`ShardingConfig`:
 
 Nothing here changes the arithmetic: a sharded run computes the single-device result up to the
 order of floating-point reductions (tested to 1e-5 in float32 on 1..8 devices,
-``tests/test_sharding.py``).  Entry points:
+``tests/decode/test_sharding.py``).  Entry points:
 
 * :func:`make_mesh` / :class:`ShardingConfig` - the mesh and which axis does what (validated);
 * :func:`shard_problem`, :func:`shard_logits` - place a problem / member logits on the mesh;

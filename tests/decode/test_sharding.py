@@ -357,7 +357,7 @@ def test_eight_device_checks_in_subprocess():
     env.pop("PYTEST_ADDOPTS", None)
     cmd = [sys.executable, "-m", "pytest", str(here), "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-rs",
            "-k", "not test_config_rejects and not test_padding_with and not in_subprocess and not two_processes"]
-    proc = subprocess.run(cmd, cwd=here.parents[1], env=env, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(cmd, cwd=here.parents[2], env=env, capture_output=True, text=True, timeout=1800)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"8-device checks failed:\n{out[-6000:]}"
     summary = out.strip().splitlines()[-1]
@@ -376,7 +376,7 @@ def test_two_processes_jax_distributed():
     """
     import socket
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
