@@ -11,7 +11,7 @@ with AdamW (Loshchilov & Hutter, 2019; decoupled weight decay on matrices and em
 RMSNorm weights), global-norm gradient clipping, and a learning rate that rises linearly for
 ``warmup_steps`` and then follows a cosine to ``min_lr_ratio · lr`` (``optax.warmup_cosine_decay_schedule``).
 The cost of a step is dominated by the ``(B T) × d × v`` unembedding and its softmax, so small
-widths (``n·d ≪ v``) train in minutes on a CPU.
+widths (``n·d ≪ v``) are cheap to train.
 
 Everything is deterministic given :class:`TrainConfig` (``seed`` fixes the initialisation and the
 window draws).  The result is saved as a Hugging Face directory (``config.json`` +

@@ -27,7 +27,7 @@ weights and with weights and temperature **learned on the validation split** by 
 (:func:`jaxens.learn.fit`); ME, whose per-step distribution is *exactly* ``prob_average`` with its
 weights and temperature (its row reports that exact distribution, not samples); and every
 bottleneck objective of :data:`jaxens.objectives.OBJECTIVES` under three constraint sets: all
-members hard (mostly infeasible on real members: reported), the strongest member (lowest
+members hard (infeasible rows are counted), the strongest member (lowest
 validation NLL) hard only, and all members soft with strength ``rho``.  Each bottleneck row also
 appears smoothed, :math:`(1-\lambda)p^\star + \lambda\,\mathrm{softmax}(\sum_i w_i \log\hat p_i)`,
 with :math:`\lambda` chosen on the validation split from a grid; the smoothing needs no new
