@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxens.combiners.bottleneck import bottleneck
-from jaxens.data import data_root
-from jaxens.models import zoo
+from jaxens.harness.data import data_root
+from jaxens.harness import zoo
 from jaxens.models.forward import full_logits
 from jaxens.problem import make_problem
 from jaxens.solvers.newton import EntropicNewton

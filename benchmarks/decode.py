@@ -143,7 +143,7 @@ def member_from_spec(spec: str, base):
     """A member from a command-line spec (see the module doc); ``base`` is SmolLM2-135M."""
     from flax import nnx
 
-    from jaxens.models import zoo
+    from jaxens.harness import zoo
     from jaxens.models.llama import Llama, LlamaConfig
 
     if spec.startswith("perturbed:"):
@@ -196,7 +196,7 @@ def bottleneck_spec(spec: str, n: int) -> tuple[str, dict]:
 
 
 def main():
-    from jaxens.models import zoo
+    from jaxens.harness import zoo
 
     a = ARGS
     rows = []

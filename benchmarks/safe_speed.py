@@ -45,7 +45,7 @@ def main(argv=None):
                    choices=["gac", "safe-step", "safe-block", "drafter"])
     p.add_argument("--out", default="results/safe_speed.json")
     args = p.parse_args(argv)
-    from jaxens.models import zoo
+    from jaxens.harness import zoo
     from jaxens.sampling import Sampler
     from jaxens.vocab import SAFE, CrossDecoder, GaC, align
 

@@ -14,9 +14,10 @@ import argparse
 import time
 from pathlib import Path
 
-from jaxens import zoo
+from jaxens.harness import zoo
 from jaxens.sampling import Sampler
-from jaxens.vocab import SAFE, CrossDecoder, DeePEn, GaC, MECross, UniTE, align, word_mixture_bits_per_byte
+from jaxens.harness.bpb import word_mixture_bits_per_byte
+from jaxens.vocab import SAFE, CrossDecoder, DeePEn, GaC, MECross, UniTE, align
 
 PROMPTS = ["Alice was beginning to get very tired of sitting by her sister on the bank, and",
            "The capital of France is"]

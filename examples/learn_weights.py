@@ -4,7 +4,7 @@
     python examples/learn_weights.py --member smollm2-135m --member smollm2-tiny-128 --bottleneck
 
 Members' logits are cached once at ``--positions`` validation / test positions per text
-(:func:`jaxens.evaluate.collect_logits`); :func:`jaxens.learn.fit` then runs Adam on the mean
+(:func:`jaxens.harness.evaluate.collect_logits`); :func:`jaxens.learn.fit` then runs Adam on the mean
 validation NLL of ``prob_average(softmax(a), exp(t))`` and ``logit_average(...)`` and, with
 ``--bottleneck``, of the ``kl`` bottleneck with soft constraints (weights, per-member rho,
 smoothing lambda), differentiating through the entropic Newton solver's implicit adjoint.
@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxens import evaluate as ev
+from jaxens.harness import evaluate as ev
+from jaxens.harness.data import data_root
 from jaxens import learn
-from jaxens.cli import load_member
+from jaxens.harness.members import load_member
 from jaxens.problem import make_problem
 
 
@@ -37,12 +38,12 @@ def main():
     ap.add_argument("--bottleneck-steps", type=int, default=20)
     args = ap.parse_args()
     specs = args.member or ["smollm2-135m", "smollm2-tiny-64"]
-    texts = args.text or [str(ev.data_dir() / t) for t in ev.DEFAULT_TEXTS]
+    texts = args.text or [str(data_root() / t) for t in ev.DEFAULT_TEXTS]
     loaded = [load_member(s) for s in specs]
     members, tok = [m for m, _ in loaded], loaded[0][1]
     kw = dict(context=args.context, stride=args.context // 2, positions=args.positions, seed=0)
-    val = ev.collect_logits(members, ev.load_split_tokens(texts, tok, "validation"), split_code=1, **kw)
-    test = ev.collect_logits(members, ev.load_split_tokens(texts, tok, "test"), split_code=2, **kw)
+    val = ev.collect_logits(members, ev.split_tokens(texts, tok, "validation"), split_code=1, **kw)
+    test = ev.collect_logits(members, ev.split_tokens(texts, tok, "test"), split_code=2, **kw)
     print(f"{len(specs)} members, {val.logits.shape[1]} validation rows, {test.logits.shape[1]} test rows")
 
     def test_nll(comb, context=None):
@@ -60,7 +61,7 @@ def main():
         print(f"  test NLL uniform {test_nll(factory(p0)):.4f} -> learned {test_nll(factory(params)):.4f}")
 
     if args.bottleneck:
-        Ws, bs = ev._unembeddings(members, ev.common_vocab(members))
+        Ws, bs = ev.unembeddings(members, ev.common_vocab(members))
         problem = make_problem(Ws, bs, hard=(), soft=tuple(range(len(members))))
         p0 = learn.bottleneck_params(len(members), rho=1.0, lam=0.1)
         t0 = time.perf_counter()

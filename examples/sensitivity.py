@@ -15,9 +15,10 @@ import argparse
 import jax.numpy as jnp
 import numpy as np
 
-from jaxens import evaluate as ev
+from jaxens.harness import evaluate as ev
+from jaxens.harness.data import data_root
 from jaxens import learn
-from jaxens.cli import load_member
+from jaxens.harness.members import load_member
 from jaxens.combiners.averaging import logit_average, prob_average
 from jaxens.combiners.bottleneck import bottleneck
 from jaxens.problem import make_problem
@@ -33,10 +34,10 @@ def main():
     ap.add_argument("--plot", help="PNG: |gradient| over the tokens ranked by the combined distribution")
     args = ap.parse_args()
     specs = args.member or ["smollm2-135m", "smollm2-tiny-64"]
-    text = args.text or str(ev.data_dir() / "alice29.txt")
+    text = args.text or str(data_root() / "alice29.txt")
     loaded = [load_member(s) for s in specs]
     members, tok = [m for m, _ in loaded], loaded[0][1]
-    ids = ev.load_split_tokens([text], tok, "test")[0]
+    ids = ev.split_tokens([text], tok, "test")[0]
     j = min(max(args.position, args.context), ids.size - 1)
     from jaxens.models.forward import full_logits
 
@@ -45,7 +46,7 @@ def main():
     x = [np.asarray(full_logits(m, window))[0, -1, :v] for m in members]
     y = int(ids[j])
     print(f"context: ...{tok.decode(ids[j - 12:j].tolist())!r} -> observed {tok.decode([y])!r}\n")
-    Ws, bs = ev._unembeddings(members, v)
+    Ws, bs = ev.unembeddings(members, v)
     problem = make_problem(Ws, bs, hard=(), soft=tuple(range(len(members))))
     decode = lambda k: tok.decode([k])  # noqa: E731
     combs = {

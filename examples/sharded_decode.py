@@ -13,7 +13,7 @@ absent), on one host with several GPUs/TPUs as is, and on several hosts with
     python examples/sharded_decode.py --coordinator host0:1234 --num-processes 2 --process-id 0 --local-solve kl
 
 The members are two small random-weight Llama-style models (nothing to download); swap in real
-members from :mod:`jaxens.models` (``jaxens.zoo``) the same way.
+members from :mod:`jaxens.models` (``jaxens.harness.zoo``) the same way.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 Trains on the train split of the real texts ($JAXENS_DATA or ../shared/data), prints the held-out
 perplexity on the test split of alice29.txt, saves a Hugging Face directory and generates a few
 tokens with it together with the zoo's SmolLM2-135M (logit average; same tokenizer).
-The fixed zoo recipes are one call away: ``jaxens.zoo.load("smollm2-tiny-64")``.
+The fixed zoo recipes are one call away: ``jaxens.harness.zoo.load("smollm2-tiny-64")``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import argparse
 
 import numpy as np
 
-from jaxens import data
-from jaxens.models import zoo
+from jaxens.harness import data
+from jaxens.harness import zoo
 from jaxens.models.loading import load_hf_dir
-from jaxens.train import TrainConfig, read_meta, train_to_dir, window_perplexity
+from jaxens.harness.train import TrainConfig, read_meta, train_to_dir, window_perplexity
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
 
     cfg = TrainConfig(d_model=args.d_model, n_layers=args.layers, steps=args.steps, learning_rate=args.lr,
                       warmup_steps=args.steps // 10)
-    path = train_to_dir(cfg, args.out)
+    path = train_to_dir(cfg, args.out, load_tokenizer=zoo.load_tokenizer)
     meta = read_meta(path)
     print(f"saved {path}: {meta['seconds']} s, validation loss {meta['val_loss']:.3f}")
 

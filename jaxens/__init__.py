@@ -1,8 +1,8 @@
 """jaxens: differentiable, jit-compiled ensembling of language models at decoding time.
 
 Flat re-exports of the public API (optax style): combiners, the bottleneck problem and its
-solvers, samplers, the decode loop and ME.  Models and checkpoints live in
-:mod:`jaxens.models` (``jaxens.zoo`` is :mod:`jaxens.models.zoo`).
+solvers, samplers, the decode loop and ME.  Models live in :mod:`jaxens.models`; the application
+(checkpoint zoo, training, evaluation) in :mod:`jaxens.harness` and the CLI in :mod:`jaxens.cli`.
 """
 
 from jaxens import objectives
@@ -10,11 +10,9 @@ from jaxens.bat import bat_accept, bat_logits, bat_token_mask
 from jaxens.combiners.averaging import logit_average, prob_average
 from jaxens.combiners.base import Combiner
 from jaxens.combiners.bottleneck import BottleneckState, bottleneck, default_solver
-from jaxens.evaluate import EvalConfig, EvalResult  # `jaxens eval` harness (jaxens.evaluate)
 from jaxens import learn  # learn combiner parameters (jaxens.learn)
 from jaxens.decode import Decoder, DecodeOutput, generate, make_combiner, register_combiner
 from jaxens.mixture import MixtureEnsemble, me
-from jaxens.models import zoo
 from jaxens.objectives import OBJECTIVES
 from jaxens.problem import BottleneckProblem, make_problem
 from jaxens.sampling import Sampler, greedy
@@ -27,7 +25,6 @@ from jaxens.solvers.solution import Solution, Status, raise_if_failed
 from jaxens import sharding  # device meshes (jaxens.sharding)
 from jaxens.sharding import ShardedDecoder, ShardingConfig
 from jaxens.vocab import CrossDecoder, align, cross_generate  # cross-tokenizer ensembles
-from jaxens.train import TrainConfig, train_member
 
 __version__ = "0.1.0"
 
@@ -40,8 +37,6 @@ __all__ = [
     "DecodeOutput",
     "Decoder",
     "EntropicNewton",
-    "EvalConfig",
-    "EvalResult",
     "FISTA",
     "MixtureEnsemble",
     "OBJECTIVES",
@@ -51,7 +46,6 @@ __all__ = [
     "ShardingConfig",
     "Solution",
     "Status",
-    "TrainConfig",
     "bat_accept",
     "bat_logits",
     "bat_token_mask",
@@ -72,6 +66,4 @@ __all__ = [
     "raise_if_failed",
     "register_combiner",
     "sharding",
-    "train_member",
-    "zoo",
 ]

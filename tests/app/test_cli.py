@@ -5,6 +5,8 @@ import pytest
 from toy_models import ToyConfig, ToyLM
 
 import jaxens.cli as cli
+from jaxens.cli import generate
+from jaxens.harness import members
 from jaxens.combiners.averaging import prob_average
 from jaxens.decode import Decoder
 from jaxens.sampling import Sampler
@@ -40,7 +42,7 @@ def toy_loader(monkeypatch):
             raise ValueError(f"Unknown zoo model {spec!r}; known models: toy0, toy1")
         return MODELS[spec], CharTokenizer()
 
-    monkeypatch.setattr(cli, "load_member", load)
+    monkeypatch.setattr(members, "load_member", load)
 
 
 def run(argv, capsys):
@@ -126,7 +128,7 @@ def test_list_combiners_and_subcommand_required(capsys):
 @pytest.mark.slow
 def test_zoo_smollm2_generate(capsys, monkeypatch):
     monkeypatch.undo()
-    from jaxens.models import zoo
+    from jaxens.harness import zoo
 
     if not (zoo.cache_root() / "zoo" / "smollm2-135m" / "hf" / "config.json").is_file():
         pytest.skip("smollm2-135m not in the cache")
@@ -143,7 +145,7 @@ def test_text_stream_holds_back_partial_utf8_and_flushes():
             return bytes(ids).decode("utf-8", errors="replace")
 
     buf = io.StringIO()
-    s = cli._TextStream(ByteTok(), buf)
+    s = generate._TextStream(ByteTok(), buf)
     s.add(list("ab".encode()))
     e = "é".encode()
     s.add([e[0]])  # incomplete character: nothing printed
@@ -151,7 +153,7 @@ def test_text_stream_holds_back_partial_utf8_and_flushes():
     s.add([e[1]] + list(b"c"))
     s.finish()
     assert buf.getvalue() == "abéc"
-    s2 = cli._TextStream(ByteTok(), io.StringIO())
+    s2 = generate._TextStream(ByteTok(), io.StringIO())
     s2.add([e[0]])
     s2.finish()  # a trailing incomplete sequence is still flushed at the end
     assert s2.out.getvalue() == "\ufffd"
@@ -163,7 +165,7 @@ def test_bottleneck_from_cli(capsys):
     _, ref, _ = run(base + ["--combiner", "logit_average"], capsys)
     code, out, err = run(base + ["--combiner", "bottleneck-kl", "--hard", "none", "--stats"], capsys)
     assert code == 0 and out == ref and "status" in err
-    opts = cli._bottleneck_options(cli.build_parser().parse_args(
+    opts = generate._bottleneck_options(cli.build_parser().parse_args(
         ["generate", "--member", "a", "--combiner", "bottleneck-sum_ce", "--hard", "0", "--soft", "1",
          "--rho", "2.5", "--lam", "0.1"]))
     assert opts == {"hard": (0,), "soft": (1,), "rho": 2.5, "lam": 0.1, "vocab_size": None}
@@ -179,7 +181,7 @@ def test_bottleneck_from_cli(capsys):
     assert code == 0 and out == full
     from jaxens.solvers.newton import EntropicNewton
 
-    opts = cli._bottleneck_options(cli.build_parser().parse_args(
+    opts = generate._bottleneck_options(cli.build_parser().parse_args(
         ["generate", "--member", "a", "--combiner", "bottleneck-kl", "--hessian-topk", "2048"]))
     assert opts["solver"] == EntropicNewton(hessian_topk=2048)
     for combiner, msg in (("bottleneck-sum_ce", "applies to bottleneck-kl"), ("logit_average", "only apply to")):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaxens import data
+from jaxens.harness import data
 
 
 class CharTokenizer:

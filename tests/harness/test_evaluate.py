@@ -1,4 +1,4 @@
-"""The teacher-forced evaluation harness (jaxens.evaluate, `jaxens eval`) on tiny random members."""
+"""The teacher-forced evaluation harness (jaxens.harness.evaluate, `jaxens eval`) on tiny random members."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxens import evaluate as ev
+from jaxens.harness import evaluate as ev
 from jaxens.cli import main
 from jaxens.combiners.bottleneck import bottleneck
 from jaxens.models.forward import token_nll
@@ -62,7 +62,7 @@ def test_table_columns_and_rows(result):
 
 def test_me_row_is_prob_average(result):
     rows = {r["combiner"]: r for r in result.rows}
-    for k in ev._METRICS:
+    for k in ev.METRICS:
         assert rows["me"][k] == rows["prob_average"][k]
         assert rows["me (learned)"][k] == rows["prob_average (learned)"][k]
 
@@ -225,14 +225,14 @@ def test_feasibility_first_rows_equal_the_combiner(members, texts):
     distribution on feasible rows; on infeasible rows a least-squares point with the same residual)."""
     _, test = texts
     data = ev.collect_logits(members, test, context=16, stride=8, positions=10, seed=5, progress=False)
-    Ws, bs = ev._unembeddings(members, V)
+    Ws, bs = ev.unembeddings(members, V)
     problem = make_problem(Ws, bs, hard="all")
     comb = bottleneck(problem, "kl")
     fn = ev.jit_combiner(comb)
     ref = ev.run_combiner(comb, data.logits, 8, fn=fn)
     status, p_ls = ev.feasibility_rows(problem, data.logits, 8)
     lean = bottleneck(problem, "kl", check_feasibility=False)
-    got = ev._run_feasible_rows(lean, data.logits, 8, ev.jit_combiner(lean), status, p_ls, 0.0)
+    got = ev.run_feasible_rows(lean, data.logits, 8, ev.jit_combiner(lean), status, p_ls, 0.0)
     assert np.any(ref.status == 2), "the instance should have infeasible rows (two members, V=64 > 2d+1?)"
     np.testing.assert_array_equal(got.status, ref.status)
     feas = ref.status != 2
@@ -250,4 +250,4 @@ def test_paired_differences_against_the_tuned_reference(result):
     for r in result.rows:
         if "nll" in r and math.isfinite(r["nll"]):
             assert r["dnll"] == pytest.approx(r["nll"] - ref["nll"], abs=1e-9)
-    assert "_lt" not in json.dumps(ev._json_safe(result.to_json()))
+    assert "_lt" not in json.dumps(ev.json_safe(result.to_json()))

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxens import data, train
+from jaxens.harness import data, train
 from jaxens.models.loading import load_hf_dir
 
 # A stand-in for the 49,152-token vocabulary: the UTF-8 bytes of the real text (vocab 256).
@@ -113,7 +113,7 @@ RECIPE = train.TrainConfig(d_model=32, n_layers=1, head_dim=16, seq_len=32, batc
 @pytest.fixture
 def tiny_zoo(tmp_path, monkeypatch, smollm2_tokenizer, alice_text):
     """A tmp cache, a small data directory and a tiny recipe in place of smollm2-tiny-64's."""
-    from jaxens.models import zoo
+    from jaxens.harness import zoo
 
     texts = tmp_path / "texts"
     texts.mkdir()
@@ -136,7 +136,7 @@ def tiny_zoo(tmp_path, monkeypatch, smollm2_tokenizer, alice_text):
 
 
 def test_zoo_trains_once_then_loads_from_cache(tiny_zoo, capsys):
-    from jaxens.models import zoo
+    from jaxens.harness import zoo
 
     tmp, calls = tiny_zoo
     assert {"smollm2-tiny-64", "smollm2-tiny-128", "smollm2-tiny-256"} <= set(zoo.known_models())
@@ -155,14 +155,14 @@ def test_zoo_trains_once_then_loads_from_cache(tiny_zoo, capsys):
     with pytest.raises(ValueError, match="trained from scratch, not fetched"):
         zoo.fetch("smollm2-tiny-64")
     # the checkpoint directory is a complete HF directory: the CLI's loader reads it with AutoTokenizer
-    from jaxens.cli import load_member
+    from jaxens.harness.members import load_member
 
     m2, tok2 = load_member(str(path))
     assert tok2.encode("Alice was beginning") == tok.encode("Alice was beginning")
 
 
 def test_zoo_retrains_a_stale_cache(tiny_zoo, monkeypatch, capsys):
-    from jaxens.models import zoo
+    from jaxens.harness import zoo
 
     tmp, calls = tiny_zoo
     zoo.hf_dir("smollm2-tiny-64", progress=False)
@@ -181,7 +181,7 @@ def test_zoo_retrains_a_stale_cache(tiny_zoo, monkeypatch, capsys):
 
 
 def test_zoo_without_data_is_a_clear_error(tiny_zoo, monkeypatch):
-    from jaxens.models import zoo
+    from jaxens.harness import zoo
 
     tmp, calls = tiny_zoo
     monkeypatch.setenv("JAXENS_DATA", str(tmp / "missing"))
@@ -191,7 +191,8 @@ def test_zoo_without_data_is_a_clear_error(tiny_zoo, monkeypatch):
 
 
 def test_cli_train_writes_a_loadable_member(tiny_zoo, capsys):
-    from jaxens.cli import load_member, main
+    from jaxens.cli import main
+    from jaxens.harness.members import load_member
 
     tmp, calls = tiny_zoo
     out = tmp / "cli-member"

@@ -1,4 +1,4 @@
-"""Bits per byte (jaxens.vocab.bpb) for toy members with hand-built tokenizers."""
+"""Bits per byte (jaxens.harness.bpb) for toy members with hand-built tokenizers."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from toy_models import ToyConfig, ToyLM, reference_logits
 from vocab_toys import byte_bpe, sp_bpe
 
-from jaxens.vocab import TokenizerView, member_bits_per_byte, word_mixture_bits_per_byte
-from jaxens.vocab.bpb import segment_log_probs
+from jaxens.harness.bpb import member_bits_per_byte, segment_log_probs, word_mixture_bits_per_byte
+from jaxens.vocab import TokenizerView
 
 TEXT = " the cat unbelievably dog, the dog the cat"
 
@@ -51,7 +51,7 @@ def test_word_mixture_bounds_and_limits(toys):
     for r in members:
         assert ens.bits <= r.bits + S * np.log2(2) + 1e-9
     # ... and sum_i w_i P_i(s) <= max_i P_i(s): never better than the best member on each segment
-    from jaxens.vocab.bpb import member_token_nll
+    from jaxens.harness.bpb import member_token_nll
 
     res = [member_token_nll(m, v, TEXT) for m, v in zip(models, views)]
     _, seg = segment_log_probs([r[0] for r in res], [r[1] for r in res], views, x)

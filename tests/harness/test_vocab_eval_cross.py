@@ -1,5 +1,5 @@
-"""Teacher-forced bits per byte of cross-vocabulary methods (jaxens.vocab.bpb) and `jaxens eval`
-with cross-vocabulary members (jaxens.vocab.eval_cross), on toy members with hand-built tokenizers."""
+"""Teacher-forced bits per byte of cross-vocabulary methods (jaxens.harness.bpb) and `jaxens eval`
+with cross-vocabulary members (jaxens.harness.eval_cross), on toy members with hand-built tokenizers."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import pytest
 from toy_models import ToyConfig, ToyLM, reference_logits
 from vocab_toys import byte_bpe, sp_bpe
 
-from jaxens.vocab import SAFE, DeePEn, GaC, MECross, TokenizerView, UniTE, align, member_bits_per_byte
+from jaxens.harness.bpb import code_length, cross_bits_per_byte, member_bits_per_byte, split_rows
+from jaxens.harness.teacher_forcing import teacher_forced_log_probs
+from jaxens.vocab import SAFE, DeePEn, GaC, MECross, TokenizerView, UniTE, align
 from jaxens.vocab.align import valid_utf8_prefix
-from jaxens.vocab.bpb import code_length, cross_bits_per_byte, split_rows, teacher_forced_log_probs
 
 TEXT = " the cat unbelievably dog, the dog é the cat. The cat sat on the dog and the dog was unbelievably calm."
 LN2 = np.log(2.0)
@@ -157,10 +158,11 @@ def test_unite_zero_mass_counted(toys):
 
 def test_cli_eval_cross_vocab(toys, tmp_path, monkeypatch, capsys):
     import jaxens.cli as cli
+    from jaxens.harness import members
 
     (va, vb), (ma, mb), _ = toys
     loaded = {"toy-byte": (ma, va), "toy-sp": (mb, vb)}
-    monkeypatch.setattr(cli, "load_member", lambda spec, dtype="float32": loaded[spec])
+    monkeypatch.setattr(members, "load_member", lambda spec, dtype="float32": loaded[spec])
     f = tmp_path / "toy.txt"
     f.write_text((TEXT + "\n") * 30)
     g = tmp_path / "toy2.txt"

@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from jaxens.models import zoo
+from jaxens.harness import zoo
 
 
 def _fake_wheel(folder, pkg, ver, member, payload):

@@ -134,7 +134,7 @@ def test_smollm2_tokenizer(smollm2_tokenizer, corpus_texts):
 
 def test_smollm2_tokenizer_matches_transformers_gguf(smollm2_tokenizer, alice_text):
     transformers = pytest.importorskip("transformers")
-    from jaxens.models import zoo
+    from jaxens.harness import zoo
 
     path = zoo.fetch("smollm2-135m", progress=False)
     ref = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -146,7 +146,7 @@ def test_gguf_rotary_unpermutation_matches_transformers(smollm2_dir):
     import gguf
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-    from jaxens.models import zoo
+    from jaxens.harness import zoo
     from jaxens.models.loading import read_safetensors
 
     hf = read_safetensors(smollm2_dir / "model.safetensors")
@@ -190,7 +190,7 @@ def test_logits_match_transformers_gguf_loader(zoo_name, name, request):
     """Independent check of the GGUF conversion: transformers' own GGUF loader as the reference."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from jaxens.models import zoo
+    from jaxens.harness import zoo
     from jaxens.models.gguf import load_gguf
 
     path = zoo.fetch(zoo_name, progress=False)
@@ -209,7 +209,7 @@ def test_gemma3_tokenizer_matches_sentencepiece(gemma3_tokenizer, corpus_texts):
     spm = pytest.importorskip("sentencepiece")
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    from jaxens.models import zoo
+    from jaxens.harness import zoo
     from jaxens.models.gguf import read_metadata
 
     meta = read_metadata(zoo.fetch("gemma3-270m", progress=False), arrays=True)

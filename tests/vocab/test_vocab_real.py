@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from jaxens.sampling import Sampler
-from jaxens.vocab import SAFE, CrossDecoder, DeePEn, GaC, MECross, UniTE, align, word_mixture_bits_per_byte
+from jaxens.harness.bpb import word_mixture_bits_per_byte
+from jaxens.vocab import SAFE, CrossDecoder, DeePEn, GaC, MECross, UniTE, align
 
 pytestmark = pytest.mark.models
 

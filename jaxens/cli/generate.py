@@ -1,20 +1,21 @@
-"""``jaxens`` command line: ``jaxens generate`` (``eval`` / ``bench`` are added as subcommands).
+"""``jaxens generate``: text from an ensemble of members.
 
 Example::
 
     jaxens generate --member smollm2-135m --member path/to/hf_dir --combiner prob_average \\
         --weights 0.3 0.7 --top-p 0.9 --max-new-tokens 64 --prompt "Once upon a time"
 
-Members are zoo names (``jaxens.models.zoo``), Hugging Face checkpoint directories or GGUF
-files.  Prompts are encoded with the first member's tokenizer (same-vocabulary combiners); a
-member whose tokenizer encodes a prompt differently is an error.  With one prompt the text is
+Members are zoo names (:mod:`jaxens.harness.zoo`), Hugging Face checkpoint directories or GGUF
+files (:func:`jaxens.harness.members.load_member`).  Prompts are encoded with the first member's
+tokenizer (same-vocabulary combiners); a member whose tokenizer encodes a prompt differently is
+an error.  With one prompt the text is
 streamed to stdout as it is generated; with several, each completion is printed under a
-``### prompt i`` header when the batch is done.
+``### prompt i`` header when the batch is done.  Cross-tokenizer methods (and ``me`` over members
+whose vocabularies differ) run through :mod:`jaxens.cli.vocab`.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -22,26 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxens.cli.vocab import cross_generate_cli, wants_cross
+from jaxens.decode import COMBINERS, Decoder, make_combiner
+from jaxens.harness import members as jmembers
+from jaxens.harness.defaults import default_solver
+from jaxens.harness.members import vocabularies_differ
+from jaxens.mixture import MixtureEnsemble
+from jaxens.sampling import Sampler
 
-def load_member(spec: str, dtype: str = "float32"):
-    """``(member, tokenizer)`` for a zoo name, a Hugging Face directory or a ``.gguf`` file."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        from transformers import AutoTokenizer
-
-        from jaxens.models.loading import load_hf_dir
-
-        return load_hf_dir(path, dtype=dtype), AutoTokenizer.from_pretrained(str(path))
-    if path.is_file() and path.suffix == ".gguf":
-        from jaxens.models.gguf import load_gguf
-        from jaxens.models.tokenizer import tokenizer_from_gguf
-
-        return load_gguf(path, dtype=dtype), tokenizer_from_gguf(path)
-    if path.exists():
-        raise ValueError(f"member {spec!r}: expected a checkpoint directory or a .gguf file")
-    from jaxens.models import zoo
-
-    return zoo.load(spec, dtype=dtype)
+NEWTON_COMBINERS = ("bottleneck-kl", "bottleneck-max_entropy")  # --hessian-topk applies (EntropicNewton)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -75,9 +65,8 @@ class _TextStream:
         self.printed = text
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxens", description="Ensemble language models at decoding time (JAX).")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_generate_parser(sub) -> None:
+    """Register ``jaxens generate`` on the CLI's subparsers."""
     g = sub.add_parser("generate", help="generate text with an ensemble of members")
     g.add_argument("--member", action="append", required=True, help="zoo name, HF directory or .gguf (repeat)")
     g.add_argument("--combiner", default="logit_average", help="combiner name (see --list-combiners)")
@@ -110,20 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--lam", type=float, default=0.0, help="smoothing weight towards the logit average, in [0, 1]")
     b.add_argument("--hessian-topk", type=int, metavar="K",
                    help="bottleneck-kl / bottleneck-max_entropy: form the Newton Hessian from the K likeliest "
-                        "tokens (default: all; at v = 49,152 K = 2048 made the solve 29 vs 78 ms per step, see the README)")
+                        "tokens (default: all)")
     g.add_argument("--vocab-option", action="append", default=[], metavar="KEY=VALUE",
                    help="option of a cross-tokenizer method (gac, unite, deepen, safe; me across tokenizers)")
     g.add_argument("--chunk-steps", type=int, default=4, help="steps between streamed outputs")
     g.add_argument("--stats", action="store_true", help="print timing and combiner diagnostics to stderr")
     g.add_argument("--list-combiners", action="store_true", help="print the registered combiners and exit")
     g.set_defaults(func=cmd_generate)
-    from jaxens.train import add_train_parser  # `jaxens train` (jaxens/train.py)
-
-    add_train_parser(sub)
-    from jaxens.evaluate import add_eval_parser  # `jaxens eval` (jaxens/evaluate.py)
-
-    add_eval_parser(sub)
-    return parser
 
 
 def _read_prompts(args) -> list[str]:
@@ -136,6 +118,18 @@ def _read_prompts(args) -> list[str]:
             raise ValueError(f"prompt file {args.prompt_file!r} has no non-empty line")
         return prompts
     raise ValueError("give --prompt TEXT (repeatable) or --prompt-file FILE")
+
+
+def _parse_hard(words: list[str]):
+    """``--hard`` words -> ``"all"``, ``"none"`` or a tuple of member indices (the ``hard`` option of
+    :func:`jaxens.decode.bottleneck_combiner`)."""
+    lower = [h.lower() for h in words]
+    if lower in (["all"], ["none"]):
+        return lower[0]
+    try:
+        return tuple(int(h) for h in words)
+    except ValueError:
+        raise ValueError(f"--hard takes 'all', 'none' or member indices, got {' '.join(words)}") from None
 
 
 def _bottleneck_options(args) -> dict:
@@ -151,21 +145,12 @@ def _bottleneck_options(args) -> dict:
         return {}
     opts = {"lam": args.lam, "vocab_size": args.vocab_size}
     if args.hessian_topk is not None:
-        if args.combiner not in ("bottleneck-kl", "bottleneck-max_entropy"):
+        if args.combiner not in NEWTON_COMBINERS:
             raise ValueError(f"--hessian-topk applies to bottleneck-kl and bottleneck-max_entropy (the Newton "
                              f"solver), not {args.combiner!r}")
-        from jaxens.solvers.newton import EntropicNewton
-
-        opts["solver"] = EntropicNewton(hessian_topk=args.hessian_topk)
+        opts["solver"] = default_solver(args.combiner.removeprefix("bottleneck-"), hessian_topk=args.hessian_topk)
     if args.hard is not None:
-        words = [h.lower() for h in args.hard]
-        if words in (["all"], ["none"]):
-            opts["hard"] = words[0]
-        else:
-            try:
-                opts["hard"] = tuple(int(h) for h in args.hard)
-            except ValueError:
-                raise ValueError(f"--hard takes 'all', 'none' or member indices, got {' '.join(args.hard)}") from None
+        opts["hard"] = _parse_hard(args.hard)
     if args.soft is not None:
         opts["soft"] = tuple(args.soft)
     if args.rho is not None:
@@ -174,30 +159,23 @@ def _bottleneck_options(args) -> dict:
 
 
 def cmd_generate(args, out=None, err=None) -> int:
-    from jaxens.decode import COMBINERS, Decoder, make_combiner
-    from jaxens.mixture import MixtureEnsemble
-    from jaxens.sampling import Sampler
-
     out = out or sys.stdout
     err = err or sys.stderr
     if args.list_combiners:
         out.write("\n".join(sorted(COMBINERS)) + "\n")
         return 0
-    from jaxens.vocab.cli import cross_generate_cli, wants_cross  # cross-tokenizer methods (jaxens.vocab)
-
-    if wants_cross(args):
-        return cross_generate_cli(args, out, err)
-    if args.combiner not in COMBINERS:
+    cross = wants_cross(args)
+    if not cross and args.combiner not in COMBINERS:
         raise ValueError(f"unknown combiner {args.combiner!r}; known combiners: {', '.join(sorted(COMBINERS))}")
     if args.weights is not None and len(args.weights) != len(args.member):
         raise ValueError(f"--weights has {len(args.weights)} values for {len(args.member)} members")
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     prompts = _read_prompts(args)
-    loaded = [load_member(m, args.dtype) for m in args.member]
+    loaded = [jmembers.load_member(m, args.dtype) for m in args.member]
+    if cross or (args.combiner == "me" and vocabularies_differ(loaded)):
+        return cross_generate_cli(args, prompts, loaded, out, err)
     members = [m for m, _ in loaded]
-    if wants_cross(args, loaded):
-        return cross_generate_cli(args, out, err, loaded)
     tok = loaded[0][1]
     ids = [_encode(tok, p) for p in prompts]
     for i, p in enumerate(prompts):
@@ -245,16 +223,3 @@ def cmd_generate(args, out=None, err=None) -> int:
         err.write(f"[jaxens] {kind}: {n} tokens in {dt:.2f}s (incl. compile) = {n / dt:.1f} tok/s; "
                   f"steps {result.steps}; stats {result.stats}\n")
     return 0
-
-
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except ValueError as e:
-        parser.exit(2, f"jaxens {args.command}: error: {e}\n")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

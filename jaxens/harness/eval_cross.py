@@ -5,16 +5,16 @@ For held-out texts :math:`x^{(1)}, x^{(2)}, \dots` (the ``--split`` part of each
 first ``max_bytes`` bytes cut at a word boundary) the table has one line per
 
 * **member** :math:`i`: :math:`\mathrm{bpb}_i = -\sum \log_2 p_i(t \mid t_{<})/|x|` over its own
-  tokenization (:func:`jaxens.vocab.bpb.member_bits_per_byte`);
+  tokenization (:func:`jaxens.harness.bpb.member_bits_per_byte`);
 * **cross-vocabulary method** (``gac``, ``unite``, ``deepen``, ``safe``, ``me``; default all five):
   the teacher-forced code length of the pivot's tokenization under the method's combined
   next-piece distribution, computed by the decode loop itself
-  (:func:`jaxens.vocab.bpb.teacher_forced_log_probs`, all methods in one pass sharing the member
+  (:func:`jaxens.harness.teacher_forcing.teacher_forced_log_probs`, all methods in one pass sharing the member
   forwards), with the count of zero-probability events, :math:`+\infty` when there is one, and the
   smoothed figure :math:`P^\lambda = (1-\lambda)P + \lambda p_\pi` (default :math:`\lambda=10^{-3}`);
 * **word mixture** (``word-mixture``): the word-level probability average
-  (:func:`jaxens.vocab.bpb.word_mixture_bits_per_byte`), a different model (see
-  :mod:`jaxens.vocab.bpb`), kept for reference.
+  (:func:`jaxens.harness.bpb.word_mixture_bits_per_byte`), a different model (see
+  :mod:`jaxens.harness.bpb`), kept for reference.
 
 Every text is cut at word boundaries into rows of about ``chunk_bytes`` bytes; each row is scored
 from the members' context token (BOS, else EOS) alone, the same way for every line of the table,
@@ -31,20 +31,23 @@ import math
 import os
 import sys
 import time
-import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from jaxens.vocab.bpb import (
+from jaxens.harness.bpb import (
     DEFAULT_LAMBDA,
     code_length,
     member_token_nll,
+    pivot_method,
     segment_log_probs,
     split_rows,
-    teacher_forced_log_probs,
 )
+from jaxens.harness.reports import EvalResult
+from jaxens.harness.teacher_forcing import teacher_forced_log_probs
+from jaxens.vocab import CROSS_METHODS
+from jaxens.vocab.align import align, word_boundaries
 from jaxens.vocab.cross_decode import normalized_weights
 
 CROSS_EVAL_METHODS = ("gac", "unite", "deepen", "safe", "me")
@@ -80,8 +83,6 @@ class CrossEvalConfig:
     progress: bool = True
 
     def __post_init__(self):
-        from jaxens.vocab import CROSS_METHODS
-
         object.__setattr__(self, "methods", tuple(self.methods))
         for m in self.methods:
             if m not in CROSS_METHODS:
@@ -104,25 +105,14 @@ def head_bytes(text: str, max_bytes: int | None) -> str:
     x = text.encode("utf-8")
     if max_bytes is None or len(x) <= max_bytes:
         return text
-    from jaxens.vocab.align import word_boundaries
-
     ks = [k for k in word_boundaries(x).tolist() if 0 < k <= max_bytes]
     cut = ks[-1] if ks else max_bytes
     return x[:cut].decode("utf-8", "ignore")
 
 
 def _method(name, cfg: CrossEvalConfig):
-    from jaxens.vocab import make_cross_method
-
-    opts = dict(cfg.options.get(name, {}))
-    if cfg.weights is not None:
-        opts.setdefault("weights", tuple(cfg.weights))
-    if name == "safe":
-        opts.setdefault("drafter", cfg.pivot)
-    elif name in ("gac", "deepen"):
-        opts.setdefault("main", cfg.pivot)
     try:
-        return make_cross_method(name, **opts)
+        return pivot_method(name, cfg.weights, cfg.pivot, cfg.options.get(name, {}))
     except TypeError as e:
         raise ValueError(f"bad options for {name}: {e}") from None
 
@@ -131,13 +121,10 @@ def evaluate_cross(members, tokenizers, texts: Mapping[str, str], cfg: CrossEval
                    names: Sequence[str] | None = None, log=None):
     """Bits per byte of each member and each method of ``cfg.methods`` on ``texts`` (name -> text).
 
-    Returns a :class:`jaxens.evaluate.EvalResult` whose rows hold ``combiner``, ``kind``
+    Returns a :class:`jaxens.harness.reports.EvalResult` whose rows hold ``combiner``, ``kind``
     (``member`` / ``cross`` / ``word-mixture``), ``bpb``, ``bits``, ``bytes``, ``tokens``, ``zero``
     (zero-probability events), ``bpb_smoothed``, ``lam``, ``tok_s`` and ``per_text`` (bpb per text).
     """
-    from jaxens.evaluate import EvalResult
-    from jaxens.vocab.align import align
-
     cfg = cfg or CrossEvalConfig()
     members = list(members)
     n = len(members)
@@ -172,8 +159,6 @@ def evaluate_cross(members, tokenizers, texts: Mapping[str, str], cfg: CrossEval
     mem_tokens = np.zeros(n, np.int64)
     mix_bits = np.zeros(len(rows))
     w = normalized_weights(cfg.weights, n)
-    from tqdm.auto import tqdm
-
     bar = tqdm(rows, desc="member bpb", disable=not cfg.progress, file=sys.stderr, leave=False)
     for r, text in enumerate(bar):
         res = [member_token_nll(m, v, text) for m, v in zip(members, views)]
@@ -266,158 +251,3 @@ def evaluate_cross(members, tokenizers, texts: Mapping[str, str], cfg: CrossEval
     }
     config = dataclasses.asdict(cfg)
     return EvalResult(out_rows, config, meta)
-
-
-# ---------------------------------------------------------------- output
-
-
-def _fmt(x, spec):
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if isinstance(x, float) and math.isinf(x):
-        return "inf"
-    return format(x, spec)
-
-
-def markdown_table(rows: Sequence[dict], texts: Sequence[str] = ()) -> str:
-    """The bits-per-byte table in Markdown (one line per member / method)."""
-    head = ["combiner", "bpb", "zero-prob", "bpb smoothed (λ)"] + [f"bpb {t}" for t in texts] + \
-        ["bytes", "tokens", "tok/s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-    for r in rows:
-        sm = "-" if r.get("bpb_smoothed") is None else f"{_fmt(r['bpb_smoothed'], '.4f')} ({r['lam']:g})"
-        cells = [r["combiner"], _fmt(r["bpb"], ".4f"), str(r.get("zero", 0)), sm]
-        cells += [_fmt(r.get("per_text", {}).get(t), ".4f") for t in texts]
-        cells += [str(r["bytes"]), "-" if r.get("tokens") is None else str(r["tokens"]), _fmt(r.get("tok_s"), ".1f")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot(result, path) -> bool:
-    """Bar chart of bits per byte (hatched red: infinite, the smoothed value drawn)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        warnings.warn("matplotlib is not installed (pip install 'jaxens[plot]'); skipping the plot", stacklevel=2)
-        return False
-    rows = result.rows
-    vals = [r["bpb"] if math.isfinite(r["bpb"]) else r["bpb_smoothed"] for r in rows]
-    y = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
-    colors = {"member": "tab:gray", "cross": "tab:blue", "word-mixture": "tab:green"}
-    bars = ax.barh(y, vals, color=[colors.get(r["kind"], "tab:blue") if math.isfinite(r["bpb"]) else "tab:red"
-                                   for r in rows])
-    for b, r in zip(bars, rows):
-        if not math.isfinite(r["bpb"]):
-            b.set_hatch("//")
-    for yy, v in zip(y, vals):
-        ax.text(v, yy, f" {v:.3f}", va="center", fontsize=7)
-    ax.set_yticks(y, [r["combiner"] for r in rows], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("bits per byte (red hatched: some p(obs)=0, smoothed value shown)")
-    m = result.meta
-    fig.suptitle(f"jaxens eval (cross-vocabulary): {', '.join(m['members'])}; {m['bytes']} bytes of "
-                 f"{', '.join(m['texts'])}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-# ---------------------------------------------------------------- CLI (called from jaxens.evaluate.cmd_eval)
-
-
-def add_cross_eval_args(parser) -> None:
-    """Options of ``jaxens eval`` for members with different vocabularies."""
-    g = parser.add_argument_group("members with different vocabularies (bits per byte; jaxens/vocab/eval_cross.py)")
-    g.add_argument("--cross-methods", nargs="*", choices=CROSS_EVAL_METHODS,
-                   help=f"cross-tokenizer methods to score (default: {' '.join(CROSS_EVAL_METHODS)})")
-    g.add_argument("--vocab-option", action="append", default=[], metavar="METHOD.KEY=VALUE",
-                   help="option of one method, e.g. unite.k=10 or deepen.max_anchors=4096 (KEY=VALUE: every method)")
-    g.add_argument("--weights", type=float, nargs="+", help="member weights of every method")
-    g.add_argument("--pivot", type=int, default=0, help="member whose tokenization is scored (main/drafter)")
-    g.add_argument("--max-bytes", type=int, default=1500, help="bytes kept from each text's split (0: all)")
-    g.add_argument("--chunk-bytes", type=int, default=256, help="bytes per decode-loop row")
-    g.add_argument("--smooth-lambda", type=float, default=DEFAULT_LAMBDA,
-                   help="weight of the pivot member in the smoothed bpb")
-    g.add_argument("--no-word-mixture", action="store_true", help="skip the word-level mixture line")
-
-
-def _vocab_key(member, tokenizer):
-    from jaxens.vocab.cli import _vocab_size
-
-    return _vocab_size(member, tokenizer)
-
-
-def wants_cross_eval(args, loaded) -> bool:
-    """True when the members' vocabularies differ (or ``--cross-methods`` is given)."""
-    if getattr(args, "cross_methods", None):
-        return True
-    sizes = {_vocab_key(m, t) for m, t in loaded}
-    return None not in sizes and len(sizes) > 1
-
-
-def _parse_options(items, methods) -> dict:
-    import ast
-
-    opts: dict = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--vocab-option takes METHOD.KEY=VALUE or KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            val = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            val = v
-        k = k.strip()
-        targets = methods
-        if "." in k:
-            mname, k = k.split(".", 1)
-            if mname not in CROSS_EVAL_METHODS:
-                raise ValueError(f"--vocab-option {item!r}: unknown method {mname!r}")
-            targets = [mname]
-        for m in targets:
-            opts.setdefault(m, {})[k] = val
-    return opts
-
-
-def cross_eval_cli(args, loaded, specs, texts, out=None, err=None) -> int:
-    """``jaxens eval`` with cross-vocabulary members: Markdown on ``out``, ``--json`` / ``--plot`` files."""
-    from jaxens.evaluate import read_text, split_text, write_json
-
-    out = out or sys.stdout
-    err = err or sys.stderr
-    methods = tuple(args.cross_methods) if args.cross_methods else CROSS_EVAL_METHODS
-    if args.weights is not None and len(args.weights) != len(loaded):
-        raise ValueError(f"--weights has {len(args.weights)} values for {len(loaded)} members")
-    cfg = CrossEvalConfig(
-        methods=methods, options=_parse_options(args.vocab_option, methods),
-        weights=None if args.weights is None else tuple(args.weights), pivot=args.pivot,
-        max_bytes=args.max_bytes or None, chunk_bytes=args.chunk_bytes, batch_rows=args.batch_rows,
-        lam=args.smooth_lambda, word_mixture=not args.no_word_mixture, progress=not args.no_progress,
-    )
-    parts = {}
-    for t in texts:
-        part = split_text(read_text(t), args.split)
-        if not part.strip():
-            raise ValueError(f"the {args.split} split of {t!r} is empty")
-        parts[Path(t).name] = part
-    names = [Path(s).name if Path(s).exists() else s for s in specs]
-    result = evaluate_cross([m for m, _ in loaded], [t for _, t in loaded], parts, cfg, names,
-                            log=lambda s: err.write(f"[jaxens eval] {s}\n"))
-    result.meta["split"] = args.split
-    m = result.meta
-    out.write(markdown_table(result.rows, m["texts"]) + "\n")
-    out.write(f"\nbits per byte on {m['bytes']} bytes of the {args.split} split ({', '.join(m['texts'])}; "
-              f"{m['rows']} rows of ~{cfg.chunk_bytes} bytes, each from the context token); methods teacher-forced on "
-              f"{m['pivot']}'s tokenization ({m['pivot_tokens']} tokens); zero-prob = positions where the method gives "
-              f"the observed piece probability 0 (bpb inf; smoothed with λ={cfg.lam:g} on the pivot); "
-              f"{m['wall_seconds']:.1f}s\n")
-    if args.json:
-        write_json(result, args.json)
-    if args.plot:
-        plot(result, args.plot)
-    return 0

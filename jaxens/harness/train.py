@@ -3,7 +3,7 @@
 The member is :class:`jaxens.models.llama.Llama` with SmolLM2's vocabulary (``v = 49,152``), tied
 embeddings and ``L`` layers of width ``d``.  Training minimises the mean next-token cross-entropy
 over windows ``x_{0:T+1}`` drawn uniformly from the training split's token stream
-(:func:`jaxens.data.token_stream`):
+(:func:`jaxens.harness.data.token_stream`):
 
     ℒ(θ) = −1/(B T) Σ_b Σ_{t<T} log softmax(f_θ(x^b_{0:t+1}))[x^b_{t+1}]
 
@@ -11,7 +11,7 @@ with AdamW (Loshchilov & Hutter, 2019; decoupled weight decay on matrices and em
 RMSNorm weights), global-norm gradient clipping, and a learning rate that rises linearly for
 ``warmup_steps`` and then follows a cosine to ``min_lr_ratio · lr`` (``optax.warmup_cosine_decay_schedule``).
 The cost of a step is dominated by the ``(B T) × d × v`` unembedding and its softmax, so small
-widths (``n·d ≪ v``) train in minutes on a CPU.
+widths (``n·d ≪ v``) are cheap to train.
 
 Everything is deterministic given :class:`TrainConfig` (``seed`` fixes the initialisation and the
 window draws).  The result is saved as a Hugging Face directory (``config.json`` +
@@ -24,7 +24,9 @@ Held-out perplexity (:func:`window_perplexity`) scores a token sequence in conse
 member was trained in.
 
 The zoo's trained members (``smollm2-tiny-64``, ``-128``, ``-256``) are fixed recipes in
-:data:`RECIPES`; :func:`load_or_train` returns the cached checkpoint or trains it once.
+:data:`RECIPES`; :func:`load_or_train` returns the cached checkpoint or trains it once (the zoo,
+:mod:`jaxens.harness.zoo`, calls it with its cache directory and tokenizer loader; this module
+does not import the zoo).
 """
 
 from __future__ import annotations
@@ -33,11 +35,9 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jax
@@ -45,9 +45,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
+from tqdm.auto import tqdm
 
-from jaxens import data as jdata
+from jaxens.harness import data as jdata
+from jaxens.harness.files import atomic_directory
 from jaxens.models.llama import Llama, LlamaConfig
+from jaxens.models.llama import init_params as _unit_draws
+from jaxens.models.loading import save_hf_dir
 
 META_FILE = "jaxens_train.json"
 TOKENIZER_SOURCE = "smollm2-135m"
@@ -120,7 +124,7 @@ class TrainConfig:
         return cls(**d)
 
 
-# The zoo's trained members: one recipe each (the step counts keep each under ~6 min on 2 CPU cores).
+# The zoo's trained members: one recipe each.
 RECIPES: dict[str, TrainConfig] = {
     "smollm2-tiny-64": TrainConfig(d_model=64, n_layers=2, batch_size=4, steps=400, learning_rate=1e-2,
                                    warmup_steps=40),
@@ -133,16 +137,17 @@ RECIPES: dict[str, TrainConfig] = {
 
 # --- model and loss -------------------------------------------------------------------------------
 def init_params(config: LlamaConfig, key: Array, std: float = 0.02) -> dict[str, Array]:
-    """Normal(0, std) matrices and embeddings (output projections scaled by 1/√(2L)), unit norms."""
-    shapes = config.param_shapes()
-    keys = dict(zip(sorted(shapes), jax.random.split(key, len(shapes))))
+    """The training initialisation: matrices and embeddings ``std · z``, the output projections
+    (``layers/wo``, ``layers/w_down``) ``std / √(2L) · z``, RMSNorm weights 1, where ``z ~ N(0, 1)``
+    are the draws of :func:`jaxens.models.llama.init_params` at unit scale (same key, same tensors)."""
+    z = _unit_draws(config, key, std=1.0)
     out = {}
-    for name, shape in shapes.items():
+    for name, x in z.items():
         if name.endswith("norm"):
-            out[name] = jnp.ones(shape, jnp.float32)
+            out[name] = jnp.ones(x.shape, jnp.float32)
         else:
             s = std / np.sqrt(2 * config.n_layers) if name in ("layers/wo", "layers/w_down") else std
-            out[name] = s * jax.random.normal(keys[name], shape, jnp.float32)
+            out[name] = s * x
     return out
 
 
@@ -266,8 +271,6 @@ def train_member(
 ) -> TrainResult:
     """Train ``Llama(cfg.model_config())`` from scratch on windows of ``train_tokens`` (see the module
     docstring); validation loss on ``val_tokens`` every ``cfg.eval_every`` steps and at the end."""
-    from tqdm.auto import tqdm
-
     train_tokens = np.asarray(train_tokens, np.int32)
     if train_tokens.ndim != 1 or train_tokens.size < cfg.seq_len + 2:
         raise ValueError(f"Expected a 1-D token stream longer than seq_len + 1 = {cfg.seq_len + 1}, "
@@ -307,12 +310,8 @@ def save_member(result: TrainResult, cfg: TrainConfig, out: str | os.PathLike, t
                 extra: Mapping | None = None) -> Path:
     """Write the member as a Hugging Face directory (+ tokenizer files, + ``jaxens_train.json``).
     The directory is assembled beside ``out`` and moved into place, replacing an old one."""
-    from jaxens.models.loading import save_hf_dir
-
     out = Path(out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    with atomic_directory(out, file_mode=0o644) as tmp:
         save_hf_dir(result.model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -321,15 +320,6 @@ def save_member(result: TrainResult, cfg: TrainConfig, out: str | os.PathLike, t
                 "history": [h for h in result.history if "val_loss" in h]}
         meta.update(extra or {})
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 
@@ -343,13 +333,12 @@ def read_meta(path: str | os.PathLike) -> dict | None:
         return None
 
 
-def train_to_dir(cfg: TrainConfig, out: str | os.PathLike, *, data_dir=None, progress: bool = True,
-                 desc: str = "training", heldout: str | None = "alice29.txt") -> Path:
-    """Tokenise the texts with SmolLM2's tokenizer, train, measure, save to ``out``."""
-    from jaxens.models import zoo
-
+def train_to_dir(cfg: TrainConfig, out: str | os.PathLike, *, load_tokenizer: Callable, data_dir=None,
+                 progress: bool = True, desc: str = "training", heldout: str | None = "alice29.txt") -> Path:
+    """Tokenise the texts with SmolLM2's tokenizer (``load_tokenizer(TOKENIZER_SOURCE, progress=...)``,
+    e.g. :func:`jaxens.harness.zoo.load_tokenizer`), train, measure, save to ``out``."""
     digest = jdata.data_hash(data_dir)  # fails early, with the fix, when the data is missing or bad
-    tok = zoo.load_tokenizer(TOKENIZER_SOURCE, progress=progress)
+    tok = load_tokenizer(TOKENIZER_SOURCE, progress=progress)
     if len(tok) != cfg.vocab_size:
         raise ValueError(f"the {TOKENIZER_SOURCE} tokenizer has {len(tok)} tokens but the recipe has "
                          f"vocab_size={cfg.vocab_size}")
@@ -369,13 +358,6 @@ def train_to_dir(cfg: TrainConfig, out: str | os.PathLike, *, data_dir=None, pro
 
 
 # --- zoo members ------------------------------------------------------------------------------
-def zoo_dir(name: str) -> Path:
-    from jaxens.models import zoo
-
-    root = zoo.cache_root()
-    return zoo._inside(root / "zoo" / name / "hf", root)
-
-
 def is_current(path: str | os.PathLike, cfg: TrainConfig, data_dir=None) -> tuple[bool, str]:
     """Whether the checkpoint at ``path`` was trained by ``cfg`` on the present data (and why not)."""
     path = Path(path)
@@ -393,13 +375,14 @@ def is_current(path: str | os.PathLike, cfg: TrainConfig, data_dir=None) -> tupl
     return True, "up to date"
 
 
-def load_or_train(name: str, dtype: str = "float32", *, progress: bool = True, data_dir=None) -> Path:
-    """The zoo member ``name``'s checkpoint directory: the cached one when its recipe and data hash
-    match, else trained now (once) with :data:`RECIPES` ``[name]`` and cached."""
+def load_or_train(name: str, out: str | os.PathLike, load_tokenizer: Callable, *, progress: bool = True,
+                  data_dir=None) -> Path:
+    """The recipe ``name``'s checkpoint directory ``out``: kept when its recipe and data hash match,
+    else trained now with :data:`RECIPES` ``[name]`` (:func:`train_to_dir`) and written there."""
     if name not in RECIPES:
         raise ValueError(f"no training recipe for {name!r}; recipes: {', '.join(sorted(RECIPES))}")
     cfg = RECIPES[name]
-    out = zoo_dir(name)
+    out = Path(out)
     ok, why = is_current(out, cfg, data_dir)
     if ok:
         return out
@@ -408,54 +391,5 @@ def load_or_train(name: str, dtype: str = "float32", *, progress: bool = True, d
     print(f"[jaxens] {name} is trained from scratch on first use ({cfg.steps} steps, d={cfg.d_model}, "
           f"{cfg.n_layers} layers; a few minutes on a CPU); it is trained once and cached in {out}.",
           file=sys.stderr)
-    return train_to_dir(cfg, out, data_dir=data_dir, progress=progress, desc=f"training {name}")
-
-
-# --- command line -----------------------------------------------------------------------------
-def add_train_parser(sub) -> None:
-    """Register ``jaxens train`` on an argparse subparsers object."""
-    t = sub.add_parser("train", help="train a small same-vocabulary (SmolLM2 tokenizer) member from scratch")
-    t.add_argument("--zoo", choices=sorted(RECIPES), help="train a zoo recipe into the cache (other flags ignored)")
-    t.add_argument("--out", help="output checkpoint directory (Hugging Face layout)")
-    t.add_argument("--d-model", type=int, default=64)
-    t.add_argument("--layers", type=int, default=2)
-    t.add_argument("--head-dim", type=int, default=32)
-    t.add_argument("--d-ff", type=int, help="MLP width (default 4 d)")
-    t.add_argument("--steps", type=int, default=300)
-    t.add_argument("--seq-len", type=int, default=128)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--lr", type=float, default=1e-2)
-    t.add_argument("--warmup", type=int, help="warmup steps (default steps/10)")
-    t.add_argument("--weight-decay", type=float, default=0.1)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--eval-every", type=int, default=100)
-    t.add_argument("--data", help="folder of the *.txt texts (default $JAXENS_DATA or ../shared/data)")
-    t.add_argument("--no-progress", action="store_true")
-    t.set_defaults(func=cmd_train)
-
-
-def cmd_train(args, out=None) -> int:
-    out = out or sys.stdout
-    try:
-        return _cmd_train(args, out)
-    except FileNotFoundError as e:  # missing data directory / texts: a usage error
-        raise ValueError(str(e)) from e
-
-
-def _cmd_train(args, out) -> int:
-    if args.zoo:
-        path = load_or_train(args.zoo, progress=not args.no_progress, data_dir=args.data)
-    else:
-        if not args.out:
-            raise ValueError("give --out DIR (or --zoo NAME to train a zoo member into the cache)")
-        cfg = TrainConfig(d_model=args.d_model, n_layers=args.layers, head_dim=min(args.head_dim, args.d_model),
-                          d_ff=args.d_ff, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
-                          learning_rate=args.lr,
-                          warmup_steps=args.warmup if args.warmup is not None else args.steps // 10,
-                          weight_decay=args.weight_decay, seed=args.seed, eval_every=args.eval_every)
-        path = train_to_dir(cfg, args.out, data_dir=args.data, progress=not args.no_progress)
-    meta = read_meta(path) or {}
-    ppl = meta.get("test_perplexity", {})
-    out.write(f"saved {path}  ({meta.get('seconds')} s; validation loss {meta.get('val_loss', float('nan')):.4f}"
-              + "".join(f"; test perplexity {k} {v:.1f}" for k, v in ppl.items()) + ")\n")
-    return 0
+    return train_to_dir(cfg, out, load_tokenizer=load_tokenizer, data_dir=data_dir, progress=progress,
+                        desc=f"training {name}")

@@ -14,13 +14,16 @@ same parts on every machine, the three parts are disjoint and concatenate back t
 
 API (every function takes an optional ``data_dir``; names are file names such as ``"alice29.txt"``)::
 
+    read_text(path)                       -> one UTF-8 text file, checked
+    split_part(text, "test")              -> the test part of one text
+    split_tokens(paths, tokenizer, split) -> [int64[...] per file]  (one split of the given files)
     texts("test")                         -> {"alice29.txt": "...", ...}   # str per file
     tokens(tokenizer, "validation")       -> {"alice29.txt": int32[...], ...}
     token_stream(tokenizer, "train")      -> int32[N]  (the files' tokens, sorted by name, joined by EOS)
     data_root()                           -> the directory used
     data_hash()                           -> sha256 of the file names and bytes (detects changed data)
 
-Tokenisation uses ``tokenizer.encode(text, add_special_tokens=False)`` (no BOS).
+Tokenisation uses ``tokenizer.encode(text, add_special_tokens=False)`` (no BOS; :func:`encode`).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def data_root(path: str | os.PathLike | None = None) -> Path:
     env = os.environ.get("JAXENS_DATA")
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def _files(path: str | os.PathLike | None) -> list[Path]:
@@ -59,22 +62,27 @@ def _files(path: str | os.PathLike | None) -> list[Path]:
     return files
 
 
-def _read(path: Path) -> str:
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise ValueError(f"text file {path} is empty: remove it from the data directory or restore its contents")
+def read_text(path: str | os.PathLike) -> str:
+    """Read a UTF-8 text file; a missing, empty (whitespace only) or non-UTF-8 file raises ``ValueError``."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"text file {p} does not exist (or is not a file)")
+    raw = p.read_bytes()
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(
-            f"text file {path} is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 4]!r}): "
+            f"text file {p} is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 4]!r}): "
             "re-encode it, e.g. `iconv -f latin1 -t utf-8`"
-        ) from e
+        ) from None
+    if not text.strip():
+        raise ValueError(f"text file {p} is empty")
+    return text
 
 
 def read_all(data_dir: str | os.PathLike | None = None) -> dict[str, str]:
     """Every text of the directory, whole: ``{file name: text}`` sorted by name."""
-    return {p.name: _read(p) for p in _files(data_dir)}
+    return {p.name: read_text(p) for p in _files(data_dir)}
 
 
 def _cut(text: str, frac: float) -> int:
@@ -92,7 +100,33 @@ def split_text(text: str) -> dict[str, str]:
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"Expected split in {SPLITS}, got {split!r}")
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+
+
+def split_part(text: str, split: str) -> str:
+    """The ``split`` part of one text (:func:`split_text`)."""
+    _check_split(split)
+    return split_text(text)[split]
+
+
+def encode(tokenizer, text: str) -> np.ndarray:
+    """Token ids (``int64``) of ``text`` without special tokens (tokenizers without the keyword: plain ``encode``)."""
+    try:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    except TypeError:
+        ids = tokenizer.encode(text)
+    return np.asarray(list(ids), np.int64)
+
+
+def split_tokens(paths: Iterable[str | os.PathLike], tokenizer, split: str) -> list[np.ndarray]:
+    """Token ids of the ``split`` part of each text file in ``paths`` (an empty part raises ``ValueError``)."""
+    out = []
+    for p in paths:
+        ids = encode(tokenizer, split_part(read_text(p), split))
+        if ids.size == 0:
+            raise ValueError(f"the {split} split of {str(p)!r} is empty")
+        out.append(ids)
+    return out
 
 
 def texts(split: str, data_dir: str | os.PathLike | None = None, names: Iterable[str] | None = None) -> dict[str, str]:
@@ -132,6 +166,6 @@ def data_hash(data_dir: str | os.PathLike | None = None) -> str:
     """sha256 over the sorted file names and their bytes (what a trained checkpoint was trained on)."""
     h = hashlib.sha256()
     for p in _files(data_dir):
-        _read(p)  # same checks as a load
+        read_text(p)  # same checks as a load
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()

