@@ -1,6 +1,7 @@
-"""Member models: one architecture family per file, loaders and the zoo."""
+"""Member models: one architecture family per folder (``llama/``, ``gemma3/``, ``gpt2/``, each with
+its NNX modules in ``model.py`` and its tensor-name mapping in ``params.py``), the shared layers,
+the safetensors / GGUF loaders and the GGUF tokenizer."""
 
-from jaxens.models import zoo
 from jaxens.models.base import KVCache, Member, accepts_logits_keyword
 from jaxens.models.forward import full_logits, perplexity, sequence_nll, token_nll
 from jaxens.models.gemma3 import Gemma3, Gemma3Config
@@ -14,5 +15,5 @@ __all__ = [
     "GPT2", "GPT2Config", "Gemma3", "Gemma3Config", "KVCache", "Llama", "LlamaConfig", "Member",
     "accepts_logits_keyword",
     "full_logits", "gguf_to_hf", "load_gguf", "load_hf_dir", "model_from_hf_tensors", "perplexity",
-    "read_metadata", "read_safetensors", "save_hf_dir", "sequence_nll", "token_nll", "tokenizer_from_gguf", "zoo",
+    "read_metadata", "read_safetensors", "save_hf_dir", "sequence_nll", "token_nll", "tokenizer_from_gguf",
 ]

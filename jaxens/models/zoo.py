@@ -183,7 +183,7 @@ def hf_dir(name: str, *, progress: bool = True) -> Path:
     from safetensors.numpy import save_file
 
     from jaxens.models.gguf import gguf_to_hf
-    from jaxens.models.loading import _family
+    from jaxens.models.loading import family
 
     if _trained_name(name):
         from jaxens.train import load_or_train
@@ -196,7 +196,7 @@ def hf_dir(name: str, *, progress: bool = True) -> Path:
         return out
     gguf_path = fetch(name, progress=progress)
     cfg, tensors = gguf_to_hf(gguf_path, progress=progress)
-    cfg_cls = _family(cfg["model_type"])[0]
+    cfg_cls = family(cfg["model_type"])[0]
     hf_cfg = cfg_cls.from_hf(cfg).to_hf()
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix="hf-"))
     os.chmod(tmp, 0o755)
