@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from jaxens.harness import data as jdata
 from jaxens.harness.files import atomic_directory
 from jaxens.models.llama import Llama, LlamaConfig
-from jaxens.models.llama import init_params as _unit_draws
+from jaxens.models.llama.params import init_params as _unit_draws
 from jaxens.models.loading import save_hf_dir
 
 META_FILE = "jaxens_train.json"

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from jaxens.harness.files import atomic_directory
 from jaxens.harness.train import RECIPES, TOKENIZER_SOURCE, load_or_train
 from jaxens.models.gguf import gguf_to_hf
-from jaxens.models.loading import _family, load_hf_dir
+from jaxens.models.loading import family, load_hf_dir
 from jaxens.models.tokenizer import tokenizer_from_gguf
 
 
@@ -187,7 +187,7 @@ def hf_dir(name: str, *, progress: bool = True) -> Path:
         return out
     gguf_path = fetch(name, progress=progress)
     cfg, tensors = gguf_to_hf(gguf_path, progress=progress)
-    cfg_cls = _family(cfg["model_type"])[0]
+    cfg_cls = family(cfg["model_type"])[0]
     hf_cfg = cfg_cls.from_hf(cfg).to_hf()
     with atomic_directory(out, prefix="hf-") as tmp:
         save_file({k: v for k, v in tensors.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})

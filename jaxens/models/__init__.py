@@ -1,4 +1,6 @@
-"""Member models: one architecture family per file, loaders and the zoo."""
+"""Member models: one architecture family per folder (``llama/``, ``gemma3/``, ``gpt2/``, each with
+its NNX modules in ``model.py`` and its tensor-name mapping in ``params.py``), the shared layers,
+the safetensors / GGUF loaders and the GGUF tokenizer."""
 
 from jaxens.models.base import KVCache, Member, accepts_logits_keyword
 from jaxens.models.forward import full_logits, perplexity, sequence_nll, token_nll

@@ -16,8 +16,8 @@ A member is a Flax NNX module.  The decode loop, ME and the combiners use only t
 * returns ``logits``: ``float32[B, T, V]`` and the cache with the new keys/values written.
 
 Optionally (the built-in families do; :func:`accepts_logits_keyword` tells), a member takes a
-keyword ``logits`` that says which positions need logits, so the unembedding (``V × d`` per
-position, ~20% of SmolLM2-135M's FLOPs per token) runs only where they are used:
+keyword ``logits`` that says which positions need logits, so the unembedding (``2 V d`` FLOPs per
+position) runs only where they are used:
 
 * ``logits="all"`` (default): ``[B, T, V]`` as above;
 * ``logits="last"``: ``[B, 1, V]``, query ``T − 1`` only (the next-token distribution);

@@ -1,16 +1,12 @@
 """Read GGUF checkpoints (llama.cpp's format) into float weights and a transformers-style config.
 
 ``load_gguf(path)`` dequantises every tensor with the ``gguf`` package (Q4_0/1, Q5_*, Q8_0, K-quants,
-F16, ...), renames it to transformers' naming, and builds the member through the same path as a
-Hugging Face directory (:func:`jaxens.models.loading.model_from_hf_tensors`).  Two of llama.cpp's
-conversions are undone on the way:
-
-* ``llama`` architecture: ``convert_hf_to_gguf.py`` permutes the rows of ``W_q`` and ``W_k`` from
-  the half-split rotary layout to the interleaved one, ``w.reshape(n, 2, h/2, d).swapaxes(1, 2)``
-  (``n`` heads of size ``h``); the inverse is ``w.reshape(n, h/2, 2, d).swapaxes(1, 2)``
-  (as in transformers' ``LlamaTensorProcessor``).
-* ``gemma3``: llama.cpp stores RMSNorm weights as ``1 + w``; transformers (and
-  :mod:`jaxens.models.gemma3`) use ``w`` with the norm ``x̂ (1 + w)``, so 1 is subtracted.
+F16, ...), renames it to transformers' naming with the family's tables (``GGUF_BLOCK`` /
+``GGUF_TOP`` in ``jaxens.models.<family>.params``), undoes llama.cpp's layout conversions with the
+family's ``tensor_from_gguf`` (Llama's rotary permutation of ``W_q``/``W_k``, Gemma 3's ``1 + w``
+norm weights, GPT-2's transposed projections), and builds the member through the same path as a
+Hugging Face directory (:func:`jaxens.models.loading.model_from_hf_tensors`).  The config comes
+from the GGUF metadata (``<arch>.embedding_length``, ``<arch>.block_count``, ...).
 """
 
 from __future__ import annotations
@@ -19,18 +15,23 @@ import os
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
+from tqdm.auto import tqdm
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "gemma3", "gpt2")
+import jaxens.models.gemma3.params as gemma3_params
+import jaxens.models.gpt2.params as gpt2_params
+import jaxens.models.llama.params as llama_params
+from jaxens.models.loading import PICKLE_SUFFIXES, model_from_hf_tensors, pickle_refusal
+
+# GGUF ``general.architecture`` -> the family's parameter mapping
+_PARAMS = {"llama": llama_params, "qwen2": llama_params, "gemma3": gemma3_params, "gpt2": gpt2_params}
+SUPPORTED_ARCHS = tuple(_PARAMS)
 
 
 def _open(path: str | os.PathLike):
-    import gguf
-
     path = Path(path)
-    if path.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"):
-        from jaxens.models.loading import pickle_refusal
-
+    if path.suffix in PICKLE_SUFFIXES:
         raise pickle_refusal(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {path} not found")
@@ -41,8 +42,6 @@ def _open(path: str | os.PathLike):
 
 
 def _value(field) -> Any:
-    import gguf
-
     types = field.types
     if not types:
         return None
@@ -133,58 +132,16 @@ def _hf_config(meta: dict[str, Any], tensor_names: set[str], n_vocab: int) -> di
     return cfg
 
 
-_COMMON = {
-    "attn_norm": "model.layers.{i}.input_layernorm",
-    "attn_q": "model.layers.{i}.self_attn.q_proj",
-    "attn_k": "model.layers.{i}.self_attn.k_proj",
-    "attn_v": "model.layers.{i}.self_attn.v_proj",
-    "attn_output": "model.layers.{i}.self_attn.o_proj",
-    "ffn_gate": "model.layers.{i}.mlp.gate_proj",
-    "ffn_up": "model.layers.{i}.mlp.up_proj",
-    "ffn_down": "model.layers.{i}.mlp.down_proj",
-}
-_BLOCK_NAMES = {
-    "llama": {**_COMMON, "ffn_norm": "model.layers.{i}.post_attention_layernorm"},
-    "qwen2": {**_COMMON, "ffn_norm": "model.layers.{i}.post_attention_layernorm"},
-    "gemma3": {
-        **_COMMON,
-        "attn_q_norm": "model.layers.{i}.self_attn.q_norm",
-        "attn_k_norm": "model.layers.{i}.self_attn.k_norm",
-        "post_attention_norm": "model.layers.{i}.post_attention_layernorm",
-        "ffn_norm": "model.layers.{i}.pre_feedforward_layernorm",
-        "post_ffw_norm": "model.layers.{i}.post_feedforward_layernorm",
-    },
-    "gpt2": {
-        "attn_norm": "transformer.h.{i}.ln_1",
-        "attn_qkv": "transformer.h.{i}.attn.c_attn",
-        "attn_output": "transformer.h.{i}.attn.c_proj",
-        "ffn_norm": "transformer.h.{i}.ln_2",
-        "ffn_up": "transformer.h.{i}.mlp.c_fc",
-        "ffn_down": "transformer.h.{i}.mlp.c_proj",
-    },
-}
-_TOP_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-_TOP_GPT2 = {"token_embd": "transformer.wte", "position_embd": "transformer.wpe", "output_norm": "transformer.ln_f",
-             "output": "lm_head"}
-
-
 def _hf_name(arch: str, name: str) -> str | None:
+    """The transformers name of GGUF tensor ``name`` (``None`` when the family has none)."""
+    fam = _PARAMS[arch]
     stem, _, suffix = name.rpartition(".")
     parts = stem.split(".")
     if parts[0] == "blk" and len(parts) == 3 and parts[1].isdigit():
-        tmpl = _BLOCK_NAMES[arch].get(parts[2])
+        tmpl = fam.GGUF_BLOCK.get(parts[2])
         return None if tmpl is None else tmpl.format(i=int(parts[1])) + "." + suffix
-    top = (_TOP_GPT2 if arch == "gpt2" else _TOP_NAMES).get(stem)
+    top = fam.GGUF_TOP.get(stem)
     return None if top is None else top + "." + suffix
-
-
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    h2 = w.shape[0] // n_head // 2
-    return w.reshape(n_head, h2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def gguf_to_hf(path: str | os.PathLike, *, progress: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
@@ -211,9 +168,6 @@ def gguf_to_hf(path: str | os.PathLike, *, progress: bool = True) -> tuple[dict,
 
 
 def _convert(path, reader, meta, n_vocab, arch, progress):
-    import gguf
-    from tqdm.auto import tqdm
-
     names = {t.name for t in reader.tensors}
     cfg = _hf_config(meta, names, n_vocab)
     if cfg["vocab_size"] == 0:
@@ -232,17 +186,7 @@ def _convert(path, reader, meta, n_vocab, arch, progress):
         if w.size != int(np.prod(expected)):
             raise ValueError(f"file {path} is truncated or corrupt: tensor {t.name} has {w.size} values, "
                              f"expected shape {expected}")
-        w = w.reshape(expected)
-        if arch == "llama" and t.name.endswith("attn_q.weight"):
-            w = _unpermute(w, cfg["num_attention_heads"])
-        elif arch == "llama" and t.name.endswith("attn_k.weight"):
-            w = _unpermute(w, cfg["num_key_value_heads"])
-        elif arch == "gemma3" and t.name.endswith("norm.weight"):
-            w = w - 1.0
-        elif arch == "gpt2" and any(s in t.name for s in ("attn_qkv.weight", "attn_output.weight",
-                                                            "ffn_up.weight", "ffn_down.weight")):
-            w = np.ascontiguousarray(w.T)  # HF GPT-2 uses Conv1D: [in, out]
-        tensors[hf] = w
+        tensors[hf] = _PARAMS[arch].tensor_from_gguf(arch, t.name, w.reshape(expected), cfg)
     if arch == "gpt2" and cfg.get("vocab_size") and "lm_head.weight" in tensors:
         tensors.pop("lm_head.weight")  # GPT-2 ties the head in transformers
     return cfg, tensors
@@ -250,7 +194,5 @@ def _convert(path, reader, meta, n_vocab, arch, progress):
 
 def load_gguf(path: str | os.PathLike, dtype: str = "float32", *, progress: bool = True):
     """Load a member from a GGUF file (dequantised to float32, then cast to ``dtype``)."""
-    from jaxens.models.loading import model_from_hf_tensors
-
     cfg, tensors = gguf_to_hf(path, progress=progress)
     return model_from_hf_tensors(cfg, tensors, dtype=dtype)

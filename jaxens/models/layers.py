@@ -24,6 +24,8 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
+from jaxens.models.base import KVCache
+
 NEG_INF = -1e30
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -101,6 +103,15 @@ def attention_mask(
     return m[None] & kv_mask[:, None, :]
 
 
+def check_params(shapes: dict[str, tuple[int, ...]], params) -> None:
+    """``params`` has exactly the names of ``shapes``, each with its shape."""
+    if set(params) != set(shapes):
+        raise ValueError(f"Expected parameters {sorted(shapes)}, got {sorted(params)}")
+    for name, shape in shapes.items():
+        if tuple(params[name].shape) != shape:
+            raise ValueError(f"Parameter {name}: expected shape {shape}, got {tuple(params[name].shape)}")
+
+
 def check_inputs(tokens, positions, cache, kv_mask, n_layers: int, n_kv: int, head_dim: int) -> None:
     """Shape checks at trace time (static shapes only)."""
     if tokens.ndim != 2:
@@ -176,10 +187,10 @@ def attend(
 # --- layer storage and the layer loop shared by the families ------------------------------------
 #
 # ``scan_layers=False`` (default): one parameter dict per layer (``nnx.List``) and an unrolled Python
-# loop over the layers, writing each layer's keys/values into the stacked cache in place.  On CPU
-# this is ~30% faster than ``lax.scan`` over stacked weights (the scan slices every layer's weights
-# out of the stack on each iteration); it compiles more slowly (one copy of the layer per layer).
-# ``scan_layers=True``: stacked ``[L, ...]`` weights and one ``lax.scan`` (fast compiles).
+# loop over the layers, writing each layer's keys/values into the stacked cache in place; no layer's
+# weights are sliced out of a stack, and the compiled program holds one copy of the layer per layer.
+# ``scan_layers=True``: stacked ``[L, ...]`` weights and one ``lax.scan`` over them (one copy of the
+# layer in the program).
 
 
 def store_layers(stacked: dict, scan: bool, dtype):
@@ -205,8 +216,6 @@ def run_layers(layer, x, layers, cache, per_layer=None):
     ``[L, B, S, K, H]`` caches and ``extra`` ``per_layer[i]`` (a Python value).  Scanned: ``i`` is
     ``None``, ``k``/``v`` one layer's ``[B, S, K, H]`` and ``extra`` the traced ``per_layer`` entry.
     """
-    from jaxens.models.base import KVCache
-
     if isinstance(layers, nnx.List):
         k, v = cache.k, cache.v
         for i, lp in enumerate(layers):

@@ -13,32 +13,50 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+import jaxens.models.gemma3 as gemma3
+import jaxens.models.gpt2 as gpt2
+import jaxens.models.llama as llama
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-_IGNORED = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
 
 
-def _family(model_type: str):
-    from jaxens.models import gemma3, gpt2, llama
+class Family(NamedTuple):
+    """One model family: its config class, module class and transformers tensor mapping."""
 
-    fams = {
-        "llama": (llama.LlamaConfig, llama.Llama, llama.params_from_hf, llama.params_to_hf),
-        "mistral": (llama.LlamaConfig, llama.Llama, llama.params_from_hf, llama.params_to_hf),
-        "qwen2": (llama.LlamaConfig, llama.Llama, llama.params_from_hf, llama.params_to_hf),
-        "gemma3_text": (gemma3.Gemma3Config, gemma3.Gemma3, gemma3.params_from_hf, gemma3.params_to_hf),
-        "gemma3": (gemma3.Gemma3Config, gemma3.Gemma3, gemma3.params_from_hf, gemma3.params_to_hf),
-        "gpt2": (gpt2.GPT2Config, gpt2.GPT2, gpt2.params_from_hf, gpt2.params_to_hf),
-    }
-    if model_type not in fams:
-        raise ValueError(f"Unsupported model_type {model_type!r}; supported: {sorted(fams)}")
-    return fams[model_type]
+    config: type
+    model: type
+    params_from_hf: Callable
+    params_to_hf: Callable
+
+
+_LLAMA = Family(llama.LlamaConfig, llama.Llama, llama.params_from_hf, llama.params_to_hf)
+_GEMMA3 = Family(gemma3.Gemma3Config, gemma3.Gemma3, gemma3.params_from_hf, gemma3.params_to_hf)
+_GPT2 = Family(gpt2.GPT2Config, gpt2.GPT2, gpt2.params_from_hf, gpt2.params_to_hf)
+# transformers ``model_type`` -> family
+FAMILIES: dict[str, Family] = {
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
+    "gemma3_text": _GEMMA3, "gemma3": _GEMMA3,
+    "gpt2": _GPT2,
+}
+
+
+def family(model_type: str) -> Family:
+    """The family of a transformers ``model_type`` (``ValueError`` for an unsupported one)."""
+    if model_type not in FAMILIES:
+        raise ValueError(f"Unsupported model_type {model_type!r}; supported: {sorted(FAMILIES)}")
+    return FAMILIES[model_type]
 
 
 def pickle_refusal(path: Path) -> ValueError:
+    """The error for a pickle checkpoint, with the command that converts it to safetensors."""
     return ValueError(
         f"{path} is a pickle checkpoint; jaxens does not load pickles (loading one can run arbitrary code). "
         "Convert it to safetensors once, in a trusted environment: python -c \"from transformers import "
@@ -49,8 +67,6 @@ def pickle_refusal(path: Path) -> ValueError:
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """All tensors of one safetensors file as float32 numpy arrays (bf16/f16 upcast)."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if path.suffix in PICKLE_SUFFIXES:
         raise pickle_refusal(path)
@@ -69,7 +85,7 @@ def model_from_hf_tensors(hf_config: Mapping, tensors: Mapping[str, np.ndarray],
     mt = hf_config.get("model_type")
     if mt is None:
         raise ValueError("config has no 'model_type'")
-    cfg_cls, model_cls, from_hf, _ = _family(mt)
+    cfg_cls, model_cls, from_hf, _ = family(mt)
     config = cfg_cls.from_hf(hf_config, dtype=dtype)
     return model_cls(config, from_hf(config, tensors))
 
@@ -108,74 +124,13 @@ def load_hf_dir(path: str | os.PathLike, dtype: str = "float32"):
 
 def save_hf_dir(model, path: str | os.PathLike) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (float32) in transformers' naming."""
-    from safetensors.numpy import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config.to_hf()
-    _, _, _, to_hf = _family(cfg["model_type"])
+    to_hf = family(cfg["model_type"]).params_to_hf
     tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in to_hf(model.config, model.params_numpy()).items()}
     cfg["torch_dtype"] = "float32"
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     return path
 
-
-# --- name/shape mapping shared by the families --------------------------------------------------
-def gather_stacked(
-    shapes: Mapping[str, tuple[int, ...]],
-    top: Mapping[str, str],
-    per_layer: Mapping[str, tuple[str, bool]],
-    n_layers: int,
-    tensors: Mapping[str, np.ndarray],
-) -> dict[str, np.ndarray]:
-    """Map transformers names to this package's layout: top-level tensors and per-layer tensors
-    stacked along a leading layer axis (``[out, in]`` Linear weights transposed to ``[in, out]``)."""
-    used: set[str] = set()
-
-    def get(name: str, expected: tuple[int, ...], transpose: bool) -> np.ndarray:
-        if name not in tensors:
-            raise ValueError(f"missing tensor {name!r} (expected shape {expected}) in the checkpoint")
-        t = np.asarray(tensors[name])
-        if tuple(t.shape) != expected:
-            raise ValueError(
-                f"tensor {name!r}: the config expects shape {expected} but the checkpoint has {tuple(t.shape)}"
-            )
-        used.add(name)
-        return t.T if transpose else t
-
-    out: dict[str, np.ndarray] = {}
-    for key, shape in shapes.items():
-        if key.startswith("layers/"):
-            short = key.split("/", 1)[1]
-            tmpl, tr = per_layer[short]
-            hf_shape = tuple(reversed(shape[1:])) if tr else tuple(shape[1:])
-            out[key] = np.stack([get(tmpl.format(i=i), hf_shape, tr) for i in range(n_layers)])
-        else:
-            out[key] = get(top[key], tuple(shape), False)
-    unexpected = sorted(
-        n for n in tensors if n not in used and not n.endswith(_IGNORED) and n not in top.values()
-    )
-    if unexpected:
-        raise ValueError(
-            f"{len(unexpected)} checkpoint tensors do not fit the config (wrong n_layers or family?): "
-            f"{unexpected[:5]}"
-        )
-    return out
-
-
-def scatter_stacked(
-    params: Mapping[str, np.ndarray],
-    top: Mapping[str, str],
-    per_layer: Mapping[str, tuple[str, bool]],
-    n_layers: int,
-) -> dict[str, np.ndarray]:
-    out = {}
-    for key, v in params.items():
-        if key.startswith("layers/"):
-            tmpl, tr = per_layer[key.split("/", 1)[1]]
-            for i in range(n_layers):
-                out[tmpl.format(i=i)] = v[i].T if tr else v[i]
-        else:
-            out[top[key]] = v
-    return out

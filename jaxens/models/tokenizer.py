@@ -22,6 +22,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from jaxens.models.gguf import read_metadata
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -46,8 +49,6 @@ def _bpe_merges_from_scores(tokens: list[str], scores: np.ndarray, types: np.nda
 
 def build_tokenizer(meta: dict):
     """A ``tokenizers.Tokenizer`` from GGUF metadata (with arrays), plus its special token names."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
     kind = meta.get("tokenizer.ggml.model")
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
     n = len(tokens)
@@ -116,12 +117,10 @@ def tokenizer_from_gguf(path: str | os.PathLike, cache_dir: str | os.PathLike | 
     """A ``transformers.PreTrainedTokenizerFast`` for a GGUF file.
 
     ``cache_dir``: a folder where the tokenizer is saved (``save_pretrained``) on the first call and
-    read back later, without opening the GGUF again (parsing a 262k vocabulary with ``gguf`` and
-    building its SentencePiece merges take tens of seconds).
+    read back later, without opening the GGUF again (the vocabulary is not parsed and the
+    SentencePiece merges are not rebuilt a second time).
     """
     from transformers import PreTrainedTokenizerFast
-
-    from jaxens.models.gguf import read_metadata
 
     cache_dir = Path(cache_dir) if cache_dir is not None else None
     if cache_dir is not None and (cache_dir / "tokenizer.json").is_file() and (

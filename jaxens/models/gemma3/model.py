@@ -12,7 +12,8 @@ on the input ``x_0 = √d · E[token]``; logits are ``E n_f(x_L)`` (tied), softc
 (sliding window ``w``: query ``t`` sees keys ``s`` with ``t − s < w``, RoPE base ``rope_local_base``)
 and global ones (full causal, RoPE base ``rope_global_base``, optionally linearly scaled), by
 ``layer_types``.  Layers run as an unrolled loop over per-layer weights by default,
-``scan_layers=True`` stacks them and runs one ``lax.scan``.  Matches ``transformers``' ``Gemma3ForCausalLM``.
+``scan_layers=True`` stacks them and runs one ``lax.scan``.  Matches ``transformers``' ``Gemma3ForCausalLM``;
+the tensor-name mapping is in :mod:`jaxens.models.gemma3.params`.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxens.models import layers as ly
+import jaxens.models.layers as ly
 from jaxens.models.base import KVCache
+from jaxens.models.gemma3.params import init_params
 
 _TYPES = ("sliding_attention", "full_attention")
 
@@ -188,58 +190,6 @@ class Gemma3Config:
         }
 
 
-_HF_LAYER = {
-    "attn_norm": ("model.layers.{i}.input_layernorm.weight", False),
-    "wq": ("model.layers.{i}.self_attn.q_proj.weight", True),
-    "wk": ("model.layers.{i}.self_attn.k_proj.weight", True),
-    "wv": ("model.layers.{i}.self_attn.v_proj.weight", True),
-    "wo": ("model.layers.{i}.self_attn.o_proj.weight", True),
-    "q_norm": ("model.layers.{i}.self_attn.q_norm.weight", False),
-    "k_norm": ("model.layers.{i}.self_attn.k_norm.weight", False),
-    "post_attn_norm": ("model.layers.{i}.post_attention_layernorm.weight", False),
-    "pre_mlp_norm": ("model.layers.{i}.pre_feedforward_layernorm.weight", False),
-    "post_mlp_norm": ("model.layers.{i}.post_feedforward_layernorm.weight", False),
-    "w_gate": ("model.layers.{i}.mlp.gate_proj.weight", True),
-    "w_up": ("model.layers.{i}.mlp.up_proj.weight", True),
-    "w_down": ("model.layers.{i}.mlp.down_proj.weight", True),
-}
-_HF_TOP = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
-
-
-def _strip_multimodal(tensors: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-    """Gemma3ForConditionalGeneration checkpoints: keep the language model, drop the vision tower."""
-    if not any(k.startswith(("language_model.", "model.language_model.")) for k in tensors):
-        return tensors
-    out = {}
-    for k, v in tensors.items():
-        for pre, new in (("model.language_model.", "model."), ("language_model.model.", "model."),
-                         ("language_model.lm_head.", "lm_head.")):
-            if k.startswith(pre):
-                out[new + k[len(pre):]] = v
-    return out
-
-
-def params_from_hf(config: Gemma3Config, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from jaxens.models.loading import gather_stacked
-
-    return gather_stacked(config.param_shapes(), _HF_TOP, _HF_LAYER, config.n_layers, _strip_multimodal(tensors))
-
-
-def params_to_hf(config: Gemma3Config, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from jaxens.models.loading import scatter_stacked
-
-    return scatter_stacked(params, _HF_TOP, _HF_LAYER, config.n_layers)
-
-
-def init_params(config: Gemma3Config, key: Array, std: float = 0.02) -> dict[str, Array]:
-    shapes = config.param_shapes()
-    keys = jax.random.split(key, len(shapes))
-    return {
-        name: (0.1 if name.endswith("norm") else std) * jax.random.normal(k, shape, jnp.float32)
-        for k, (name, shape) in zip(keys, sorted(shapes.items()))
-    }
-
-
 class Gemma3(nnx.Module):
     """Gemma 3 member; see the module docstring for the equations."""
 
@@ -248,12 +198,7 @@ class Gemma3(nnx.Module):
         if params is None:
             rngs = rngs if rngs is not None else nnx.Rngs(0)
             params = init_params(config, rngs.params())
-        shapes = config.param_shapes()
-        if set(params) != set(shapes):
-            raise ValueError(f"Expected parameters {sorted(shapes)}, got {sorted(params)}")
-        for name, shape in shapes.items():
-            if tuple(params[name].shape) != shape:
-                raise ValueError(f"Parameter {name}: expected shape {shape}, got {tuple(params[name].shape)}")
+        ly.check_params(config.param_shapes(), params)
         dt = ly.DTYPES[config.dtype]
         self.config = config
         self.embed = nnx.Param(jnp.asarray(params["embed"], dt))

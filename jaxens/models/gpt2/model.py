@@ -8,7 +8,8 @@ With ``LN`` the LayerNorm ``(x − μ) / sqrt(σ² + ε) · γ + β`` and learne
     x' = h + gelu_tanh(LN_2(h) W_fc + b_fc) W_proj + b_proj
 
 and logits ``E LN_f(x_L)`` (tied head).  Weights are stored ``[in, out]`` as in transformers'
-``Conv1D``, so they load without transposition.  Matches ``transformers``' ``GPT2LMHeadModel``.
+``Conv1D``, so they load without transposition.  Matches ``transformers``' ``GPT2LMHeadModel``;
+the tensor-name mapping is in :mod:`jaxens.models.gpt2.params`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxens.models import layers as ly
+import jaxens.models.layers as ly
 from jaxens.models.base import KVCache
+from jaxens.models.gpt2.params import init_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,49 +124,6 @@ class GPT2Config:
         }
 
 
-_P = "transformer.h.{i}."
-_HF_LAYER = {
-    "ln1_w": (_P + "ln_1.weight", False),
-    "ln1_b": (_P + "ln_1.bias", False),
-    "w_qkv": (_P + "attn.c_attn.weight", False),
-    "b_qkv": (_P + "attn.c_attn.bias", False),
-    "w_o": (_P + "attn.c_proj.weight", False),
-    "b_o": (_P + "attn.c_proj.bias", False),
-    "ln2_w": (_P + "ln_2.weight", False),
-    "ln2_b": (_P + "ln_2.bias", False),
-    "w_fc": (_P + "mlp.c_fc.weight", False),
-    "b_fc": (_P + "mlp.c_fc.bias", False),
-    "w_proj": (_P + "mlp.c_proj.weight", False),
-    "b_proj": (_P + "mlp.c_proj.bias", False),
-}
-_HF_TOP = {"embed": "transformer.wte.weight", "pos_embed": "transformer.wpe.weight",
-           "ln_f_w": "transformer.ln_f.weight", "ln_f_b": "transformer.ln_f.bias", "lm_head": "lm_head.weight"}
-
-
-def params_from_hf(config: GPT2Config, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from jaxens.models.loading import gather_stacked
-
-    if "wte.weight" in tensors:  # the original checkpoints have no "transformer." prefix
-        tensors = {("transformer." + k if not k.startswith("lm_head.") else k): v for k, v in tensors.items()}
-    return gather_stacked(config.param_shapes(), _HF_TOP, _HF_LAYER, config.n_layers, tensors)
-
-
-def params_to_hf(config: GPT2Config, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from jaxens.models.loading import scatter_stacked
-
-    return scatter_stacked(params, _HF_TOP, _HF_LAYER, config.n_layers)
-
-
-def init_params(config: GPT2Config, key: Array, std: float = 0.02) -> dict[str, Array]:
-    shapes = config.param_shapes()
-    keys = jax.random.split(key, len(shapes))
-    out = {}
-    for k, (name, shape) in zip(keys, sorted(shapes.items())):
-        z = jax.random.normal(k, shape, jnp.float32)
-        out[name] = 1.0 + 0.1 * z if name.endswith("_w") and "ln" in name else (0.1 if "_b" in name else std) * z
-    return out
-
-
 class GPT2(nnx.Module):
     """GPT-2 member; see the module docstring for the equations."""
 
@@ -173,12 +132,7 @@ class GPT2(nnx.Module):
         if params is None:
             rngs = rngs if rngs is not None else nnx.Rngs(0)
             params = init_params(config, rngs.params())
-        shapes = config.param_shapes()
-        if set(params) != set(shapes):
-            raise ValueError(f"Expected parameters {sorted(shapes)}, got {sorted(params)}")
-        for name, shape in shapes.items():
-            if tuple(params[name].shape) != shape:
-                raise ValueError(f"Parameter {name}: expected shape {shape}, got {tuple(params[name].shape)}")
+        ly.check_params(config.param_shapes(), params)
         dt = ly.DTYPES[config.dtype]
         self.config = config
         self.top = nnx.Dict({n: nnx.Param(jnp.asarray(v, dt)) for n, v in params.items() if "/" not in n})

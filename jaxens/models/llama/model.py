@@ -10,9 +10,10 @@ attention (``n_heads`` query heads over ``n_kv_heads`` key/value heads, scale ``
 rotary embeddings with base ``rope_theta`` (and Llama 3's frequency scaling when given),
 q/k/v biases for Qwen2, and logits ``E n(x_L)`` with the embedding ``E`` (tied) or a separate head.
 
-By default each layer keeps its own weights and the layers run as an unrolled loop (faster on
-CPU); ``scan_layers=True`` stacks them along a leading ``L`` axis and runs one ``lax.scan``
-(faster compiles).  Matches ``transformers``' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``.
+By default each layer keeps its own weights and the layers run as an unrolled loop;
+``scan_layers=True`` stacks them along a leading ``L`` axis and runs one ``lax.scan``.  Matches
+``transformers``' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``.  The tensor-name mapping is in
+:mod:`jaxens.models.llama.params`.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxens.models import layers as ly
+import jaxens.models.layers as ly
 from jaxens.models.base import KVCache
+from jaxens.models.llama.params import init_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,49 +182,6 @@ class LlamaConfig:
         return s
 
 
-# HF name per internal stacked name: (template, transpose the [out, in] Linear weight)
-_HF_LAYER = {
-    "attn_norm": ("model.layers.{i}.input_layernorm.weight", False),
-    "wq": ("model.layers.{i}.self_attn.q_proj.weight", True),
-    "wk": ("model.layers.{i}.self_attn.k_proj.weight", True),
-    "wv": ("model.layers.{i}.self_attn.v_proj.weight", True),
-    "wo": ("model.layers.{i}.self_attn.o_proj.weight", True),
-    "bq": ("model.layers.{i}.self_attn.q_proj.bias", False),
-    "bk": ("model.layers.{i}.self_attn.k_proj.bias", False),
-    "bv": ("model.layers.{i}.self_attn.v_proj.bias", False),
-    "mlp_norm": ("model.layers.{i}.post_attention_layernorm.weight", False),
-    "w_gate": ("model.layers.{i}.mlp.gate_proj.weight", True),
-    "w_up": ("model.layers.{i}.mlp.up_proj.weight", True),
-    "w_down": ("model.layers.{i}.mlp.down_proj.weight", True),
-}
-_HF_TOP = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
-
-
-def params_from_hf(config: LlamaConfig, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Stack a transformers-named state dict into this module's layout (shapes checked)."""
-    from jaxens.models.loading import gather_stacked
-
-    return gather_stacked(config.param_shapes(), _HF_TOP, _HF_LAYER, config.n_layers, tensors)
-
-
-def params_to_hf(config: LlamaConfig, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from jaxens.models.loading import scatter_stacked
-
-    return scatter_stacked(params, _HF_TOP, _HF_LAYER, config.n_layers)
-
-
-def init_params(config: LlamaConfig, key: Array, std: float = 0.02) -> dict[str, Array]:
-    shapes = config.param_shapes()
-    keys = jax.random.split(key, len(shapes))
-    out = {}
-    for k, (name, shape) in zip(keys, sorted(shapes.items())):
-        if name.endswith("norm"):
-            out[name] = 1.0 + 0.1 * jax.random.normal(k, shape, jnp.float32)
-        else:
-            out[name] = std * jax.random.normal(k, shape, jnp.float32)
-    return out
-
-
 class Llama(nnx.Module):
     """Llama-style member; see the module docstring for the equations."""
 
@@ -230,12 +189,7 @@ class Llama(nnx.Module):
         if params is None:
             rngs = rngs if rngs is not None else nnx.Rngs(0)
             params = init_params(config, rngs.params())
-        shapes = config.param_shapes()
-        if set(params) != set(shapes):
-            raise ValueError(f"Expected parameters {sorted(shapes)}, got {sorted(params)}")
-        for name, shape in shapes.items():
-            if tuple(params[name].shape) != shape:
-                raise ValueError(f"Parameter {name}: expected shape {shape}, got {tuple(params[name].shape)}")
+        ly.check_params(config.param_shapes(), params)
         dt = ly.DTYPES[config.dtype]
         self.config = config
         self.embed = nnx.Param(jnp.asarray(params["embed"], dt))
