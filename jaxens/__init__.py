@@ -6,14 +6,14 @@ solvers, samplers, the decode loop and ME.  Models and checkpoints live in
 """
 
 from jaxens import objectives
-from jaxens.bat import bat_accept, bat_logits, bat_token_mask
+from jaxens.combiners.bat import bat_accept, bat_logits, bat_token_mask
 from jaxens.combiners.averaging import logit_average, prob_average
 from jaxens.combiners.base import Combiner
 from jaxens.combiners.bottleneck import BottleneckState, bottleneck, default_solver
 from jaxens.evaluate import EvalConfig, EvalResult  # `jaxens eval` harness (jaxens.evaluate)
 from jaxens import learn  # learn combiner parameters (jaxens.learn)
 from jaxens.decode import Decoder, DecodeOutput, generate, make_combiner, register_combiner
-from jaxens.mixture import MixtureEnsemble, me
+from jaxens.combiners.mixture import MixtureEnsemble, me
 from jaxens.models import zoo
 from jaxens.objectives import OBJECTIVES
 from jaxens.problem import BottleneckProblem, make_problem

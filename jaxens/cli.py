@@ -175,7 +175,7 @@ def _bottleneck_options(args) -> dict:
 
 def cmd_generate(args, out=None, err=None) -> int:
     from jaxens.decode import COMBINERS, Decoder, make_combiner
-    from jaxens.mixture import MixtureEnsemble
+    from jaxens.combiners.mixture import MixtureEnsemble
     from jaxens.sampling import Sampler
 
     out = out or sys.stdout

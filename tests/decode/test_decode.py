@@ -8,7 +8,7 @@ from toy_models import ToyConfig, ToyLM, reference_logits
 
 from jaxens.combiners.averaging import combine_logit_average, logit_average, prob_average
 from jaxens.decode import COMBINERS, Decoder, make_combiner, register_combiner
-from jaxens.mixture import me
+from jaxens.combiners.mixture import me
 from jaxens.sampling import Sampler
 
 PROMPTS = [[5, 9, 2, 7, 1], [3], [11, 4, 4, 8, 30, 2, 6, 17, 9, 1, 40], [7, 7]]
