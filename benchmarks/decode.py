@@ -93,7 +93,7 @@ import numpy as np  # noqa: E402
 
 from jaxens.combiners.averaging import logit_average  # noqa: E402
 from jaxens.decode import Decoder, make_combiner  # noqa: E402
-from jaxens.mixture import me  # noqa: E402
+from jaxens.combiners.mixture import me  # noqa: E402
 from jaxens.sampling import Sampler  # noqa: E402
 
 

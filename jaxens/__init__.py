@@ -1,69 +1,68 @@
-"""jaxens: differentiable, jit-compiled ensembling of language models at decoding time.
+r"""jaxens: differentiable, jit-compiled ensembling of language models at decoding time.
 
-Flat re-exports of the public API (optax style): combiners, the bottleneck problem and its
-solvers, samplers, the decode loop and ME.  Models live in :mod:`jaxens.models`; the application
-(checkpoint zoo, training, evaluation) in :mod:`jaxens.harness` and the CLI in :mod:`jaxens.cli`.
+Members propose next-token distributions :math:`\hat p_i = \mathrm{softmax}(\ell_i)`; a combiner
+turns them into one :math:`\log p` per batch row, and the decode loop samples from it.  The
+softmax-bottleneck combiner picks, among the :math:`p \in \Delta_v` with
+:math:`W_i^\top p = W_i^\top \hat p_i` for the constrained members, the one an objective prefers.
+
+The public API is flat (optax style); the rooms are submodules:
+
+- :mod:`jaxens.combiners` — logit / probability averaging, the bottleneck, ME, BAT;
+- :mod:`jaxens.problem`, :mod:`jaxens.objectives`, :mod:`jaxens.solvers` — the bottleneck problem,
+  its objectives and their solvers;
+- :mod:`jaxens.decode`, :mod:`jaxens.sampling`, :mod:`jaxens.sharding` — the compiled decode loop;
+- :mod:`jaxens.models` — Flax NNX members and checkpoint loading;
+- :mod:`jaxens.vocab` — ensembles across tokenizers;
+- :mod:`jaxens.learn` — combiner parameters learned by gradient;
+- :mod:`jaxens.harness` and :mod:`jaxens.cli` — the application (zoo, training, evaluation, CLI),
+  which the library never imports.
 """
 
-from jaxens import objectives
-from jaxens.bat import bat_accept, bat_logits, bat_token_mask
+from jaxens import learn, objectives, sharding
 from jaxens.combiners.averaging import logit_average, prob_average
 from jaxens.combiners.base import Combiner
-from jaxens.combiners.bottleneck import BottleneckState, bottleneck, default_solver
-from jaxens import learn  # learn combiner parameters (jaxens.learn)
-from jaxens.decode import Decoder, DecodeOutput, generate, make_combiner, register_combiner
-from jaxens.mixture import MixtureEnsemble, me
-from jaxens.objectives import OBJECTIVES
+from jaxens.combiners.bottleneck import bottleneck
+from jaxens.combiners.mixture import MixtureEnsemble
+from jaxens.decode import DecodeOutput, Decoder, generate, make_combiner, register_combiner
 from jaxens.problem import BottleneckProblem, make_problem
-from jaxens.sampling import Sampler, greedy
+from jaxens.sampling import Sampler
+from jaxens.sharding import ShardedDecoder, ShardingConfig
+from jaxens.combiners.bottleneck import default_solver
 from jaxens.solvers.admm import ADMM
-from jaxens.solvers.feasibility import least_squares
 from jaxens.solvers.fista import FISTA
 from jaxens.solvers.newton import EntropicNewton
-from jaxens.solvers.reverse_ce import ReverseCENewton
-from jaxens.solvers.solution import Solution, Status, raise_if_failed
-from jaxens import sharding  # device meshes (jaxens.sharding)
-from jaxens.sharding import ShardedDecoder, ShardingConfig
-from jaxens.vocab import CrossDecoder, align, cross_generate  # cross-tokenizer ensembles
+from jaxens.solvers.reverse_ce import ReverseCENewton as CrossEntropyNewton
+from jaxens.solvers.solution import Solution, Status
+from jaxens.vocab import CrossDecoder, cross_generate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ADMM",
-    "CrossDecoder",
     "BottleneckProblem",
-    "BottleneckState",
     "Combiner",
+    "CrossDecoder",
+    "CrossEntropyNewton",
     "DecodeOutput",
     "Decoder",
     "EntropicNewton",
     "FISTA",
     "MixtureEnsemble",
-    "OBJECTIVES",
-    "ReverseCENewton",
     "Sampler",
     "ShardedDecoder",
     "ShardingConfig",
     "Solution",
     "Status",
-    "bat_accept",
-    "bat_logits",
-    "bat_token_mask",
-    "align",
     "bottleneck",
     "cross_generate",
     "default_solver",
     "generate",
-    "greedy",
     "learn",
-    "least_squares",
     "logit_average",
     "make_combiner",
     "make_problem",
-    "me",
     "objectives",
     "prob_average",
-    "raise_if_failed",
     "register_combiner",
     "sharding",
 ]

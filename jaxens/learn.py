@@ -35,6 +35,7 @@ from jaxtyping import Array, Float, Int
 
 from jaxens.combiners.averaging import logit_average, prob_average
 from jaxens.combiners.base import Combiner
+from jaxens.combiners.bottleneck import bottleneck
 
 Params = Any  # a pytree of arrays
 
@@ -88,7 +89,6 @@ def bottleneck_kl_factory(params: dict, problem, solver: Any = None) -> Combiner
     ``problem`` must have soft members (``make_problem(..., hard=(), soft=range(n))``); pass it to
     :func:`fit` as ``context`` so that it is an argument of the compiled step, not a constant.
     """
-    from jaxens.combiners.bottleneck import bottleneck
 
     if not problem.soft:
         raise ValueError("bottleneck_kl_factory needs a problem with soft members (make_problem(..., soft=...))")

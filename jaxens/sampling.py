@@ -6,7 +6,7 @@ combiner, i.e. truncation is applied to the *combined* distribution, after combi
 following steps, in this order (Hugging Face ``generate`` semantics, each step renormalising
 the output of the previous one):
 
-1. an optional external ``mask`` (``True`` = allowed; e.g. BAT, ``jaxens.bat.bat_accept``):
+1. an optional external ``mask`` (``True`` = allowed; e.g. BAT, ``jaxens.combiners.bat.bat_accept``):
    :math:`\ell_j = -\infty` where ``mask`` is ``False``.  A row whose mask allows no token
    with positive probability ignores the mask (a valid token is always produced);
 2. temperature :math:`T`: :math:`\ell \leftarrow \ell / T`;
@@ -74,7 +74,11 @@ def min_p_mask(logits: Float[Array, "B v"], min_p: float) -> Bool[Array, "B v"]:
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-    """Static sampling settings (hashable); ``sampler(log_probs, key, mask=None) -> tokens``.
+    r"""Static sampling settings (hashable); ``sampler(log_probs, key, mask=None) -> tokens``.
+
+    Draws :math:`y_b \sim \mathrm{softmax}(\mathrm{trunc}(\log p_b / T))` (greedy:
+    :math:`y_b = \arg\max_j \log p_{bj}`), the truncation being mask, top-k, top-p and min-p in
+    the order of the module doc.  ``greedy()`` (:func:`greedy`) is ``Sampler(greedy=True)``.
 
     Args:
       temperature: ``T > 0``; divides the combined log-probs before truncation.
@@ -162,5 +166,8 @@ class Sampler:
 
 
 def greedy() -> Sampler:
-    """Argmax of the combined distribution."""
+    """Argmax of the combined distribution: ``Sampler(greedy=True)``.
+
+    (Not a ``Sampler.greedy()`` classmethod: ``greedy`` is the dataclass field.)
+    """
     return Sampler(greedy=True)

@@ -28,7 +28,7 @@ from jaxens.decode import COMBINERS, Decoder, make_combiner
 from jaxens.harness import members as jmembers
 from jaxens.harness.defaults import default_solver
 from jaxens.harness.members import vocabularies_differ
-from jaxens.mixture import MixtureEnsemble
+from jaxens.combiners.mixture import MixtureEnsemble
 from jaxens.sampling import Sampler
 
 NEWTON_COMBINERS = ("bottleneck-kl", "bottleneck-max_entropy")  # --hessian-topk applies (EntropicNewton)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from jaxens.combiners.base import AveragingInfo, Combiner, EmptyState, check_member_logits, check_weights
+from jaxens.combiners.base import AveragingInfo, Combiner, EmptyState, check_member_logits, normalized_weights
 from jaxens.objectives import over_members
 
 
@@ -40,10 +40,10 @@ def combine_logit_average(logits, weights=None, temperature=1.0):
     """``log_softmax(sum_i w_i log_softmax(l_i / T))`` for logits ``(B, v)`` each."""
     _, _ = check_member_logits(logits)
     lp, bad = _member_log_probs(logits, temperature)
-    w = check_weights(weights, len(logits), lp.dtype)
+    w = normalized_weights(weights, len(logits), lp.dtype)
     # 0 * (-inf) would be NaN: members with zero weight do not vote.
     terms = jnp.where(w[None, :, None] == 0, 0.0, w[None, :, None] * lp)
-    mixed = over_members(jnp.add, terms, axis=1) / jnp.sum(w)
+    mixed = over_members(jnp.add, terms, axis=1)
     allmasked = jnp.all(mixed == -jnp.inf, axis=-1)
     bad = bad | allmasked
     mixed = jnp.where(allmasked[:, None], 0.0, mixed)
@@ -54,8 +54,8 @@ def combine_prob_average(logits, weights=None, temperature=1.0):
     """``log sum_i (w_i / sum w) softmax(l_i / T)`` for logits ``(B, v)`` each."""
     _, _ = check_member_logits(logits)
     lp, bad = _member_log_probs(logits, temperature)
-    w = check_weights(weights, len(logits), lp.dtype)
-    logw = jnp.log(w / jnp.sum(w))
+    w = normalized_weights(weights, len(logits), lp.dtype)
+    logw = jnp.log(w)
     mixed = jax.nn.logsumexp(lp + logw[None, :, None], axis=1)
     allmasked = jnp.all(mixed == -jnp.inf, axis=-1)
     bad = bad | allmasked
@@ -64,7 +64,16 @@ def combine_prob_average(logits, weights=None, temperature=1.0):
 
 
 def logit_average(weights: Float[Array, " n"] | None = None, temperature: float = 1.0) -> Combiner:
-    """Weighted logit averaging (geometric mean of the members' distributions)."""
+    r"""Weighted logit averaging (geometric mean of the members' distributions).
+
+    .. math::  \log p = \mathrm{log\_softmax}\Big(\sum_i \tilde w_i\, \mathrm{log\_softmax}(\ell_i / T)\Big),
+               \qquad \tilde w = w / \textstyle\sum_k w_k \ (\text{uniform when } w = \text{None}).
+
+    Example::
+
+        comb = logit_average(jnp.array([0.7, 0.3]))
+        log_p, _, info = comb.combine([l1, l2], comb.init(B))     # (B, v)
+    """
     if not (isinstance(temperature, (int, float)) and temperature > 0) and not isinstance(temperature, jax.Array):
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
 
@@ -76,7 +85,16 @@ def logit_average(weights: Float[Array, " n"] | None = None, temperature: float 
 
 
 def prob_average(weights: Float[Array, " n"] | None = None, temperature: float = 1.0) -> Combiner:
-    """Weighted probability averaging (the mixture that ME samples exactly)."""
+    r"""Weighted probability averaging (the mixture that ME samples exactly).
+
+    .. math::  p = \sum_i \tilde w_i\, \mathrm{softmax}(\ell_i / T), \qquad
+               \tilde w = w / \textstyle\sum_k w_k \ (\text{uniform when } w = \text{None}).
+
+    Example::
+
+        comb = prob_average(jnp.array([0.5, 0.5]), temperature=0.8)
+        log_p, _, info = comb.combine([l1, l2], comb.init(B))     # (B, v)
+    """
     if not (isinstance(temperature, (int, float)) and temperature > 0) and not isinstance(temperature, jax.Array):
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
 

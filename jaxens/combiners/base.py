@@ -29,6 +29,19 @@ class AveragingInfo(NamedTuple):
 
 
 class Combiner(NamedTuple):
+    r"""A combiner: ``init(batch_size) -> state`` and ``combine(logits, state) -> (log_probs, state, info)``.
+
+    ``logits`` is a sequence of the members' next-token logits :math:`\ell_i \in \mathbb R^{B \times v}`;
+    ``log_probs`` is the combined :math:`\log p \in \mathbb R^{B \times v}` (each row
+    normalised, :math:`\sum_j p_{bj} = 1`).
+
+    Example (the member-0 combiner)::
+
+        first = Combiner(lambda batch_size: EmptyState(),
+                         lambda logits, state: (jax.nn.log_softmax(logits[0]), state, ()))
+        log_p, state, info = first.combine([l1, l2], first.init(B))
+    """
+
     init: Callable[[int], Any]
     combine: Callable[[Sequence[Float[Array, "B v"]], Any], tuple[Float[Array, "B v"], Any, Any]]
 
@@ -61,11 +74,31 @@ def check_member_logits(logits: Sequence[Array], num_members: int | None = None)
     return shapes[0]
 
 
-def check_weights(weights: Any, n: int, dtype=jnp.float32) -> Array:
-    """Default to uniform weights; check the length at trace time."""
+def check_weights(weights: Any, n: int, dtype=jnp.float32, *, owner: str = "the combiner") -> Array:
+    """Member weights as an ``(n,)`` array of ``dtype``: uniform ``1/n`` when ``None``; the shape
+    is checked at trace time (``ValueError`` naming ``owner``).  Not normalised: see
+    :func:`normalized_weights`."""
     if weights is None:
         return jnp.full((n,), 1.0 / n, dtype)
     w = jnp.asarray(weights, dtype)
     if w.shape != (n,):
-        raise ValueError(f"weights must have shape ({n},) (one per member), got {w.shape}")
+        raise ValueError(
+            f"{owner} has {w.size} weights but the ensemble has {n} members: "
+            f"weights must have shape ({n},) (one per member), got {w.shape}"
+        )
     return w
+
+
+def normalized_weights(weights: Any, n: int, dtype=jnp.float32, *, owner: str = "the combiner") -> Array:
+    r"""Mixture weights on the simplex: :math:`\tilde w_i = w_i / \sum_k w_k` (uniform when ``None``).
+
+    The one place member weights are checked and normalised (:func:`check_weights`, then the
+    division); jit- and grad-friendly.
+
+    Example::
+
+        normalized_weights([2.0, 1.0, 1.0], 3)        # [0.5, 0.25, 0.25]
+        normalized_weights(None, 4)                   # [0.25, 0.25, 0.25, 0.25]
+    """
+    w = check_weights(weights, n, dtype, owner=owner)
+    return w / jnp.sum(w)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from jaxens import objectives as obj
+import jaxens.objectives as obj
 from jaxens.combiners.base import Combiner, check_member_logits, check_weights
 from jaxens.problem import BottleneckProblem
 from jaxens.solvers.solution import Solution, Status

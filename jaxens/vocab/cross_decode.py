@@ -183,7 +183,7 @@ class _Stream:
 
     def force(self, ids: Sequence[Sequence[int]]):
         """Teacher forcing: make row ``b``'s tokens exactly ``ids[b]`` (no re-encoding of the text;
-        the pivot member of :func:`jaxens.vocab.bpb.teacher_forced_log_probs`); updates ``self.logp``."""
+        the pivot member of :func:`jaxens.harness.teacher_forcing.teacher_forced_log_probs`); updates ``self.logp``."""
         plans = []
         for b, want in enumerate(ids):
             have = self.gen_ids[b]

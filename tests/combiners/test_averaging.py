@@ -85,3 +85,14 @@ def test_gradients_wrt_weights_and_logits(logits):
             return out[:, 5]
 
         check_grads(g, (jnp.array([0.2, 0.5, 0.3]), xs[0]), order=1, modes=["rev"], eps=1e-6)
+
+
+def test_normalized_weights_checks_and_normalises():
+    from jaxens.combiners.base import normalized_weights
+
+    np.testing.assert_allclose(np.asarray(normalized_weights([2.0, 1.0, 1.0], 3)), [0.5, 0.25, 0.25])
+    np.testing.assert_allclose(np.asarray(normalized_weights(None, 4)), [0.25] * 4)
+    with pytest.raises(ValueError, match=r"ME has 2 weights but the ensemble has 3 members"):
+        normalized_weights([1.0, 1.0], 3, owner="ME")
+    with pytest.raises(ValueError, match=r"weights must have shape \(3,\)"):
+        normalized_weights(jnp.ones((3, 1)), 3)

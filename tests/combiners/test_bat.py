@@ -7,7 +7,7 @@ import pytest
 from scipy.optimize import linprog
 
 from jaxens import make_problem
-from jaxens.bat import bat_accept, bat_logits, bat_solve, bat_token_mask
+from jaxens.combiners.bat import bat_accept, bat_logits, bat_solve, bat_token_mask
 from jaxens.solvers.solution import Status
 
 

@@ -8,7 +8,7 @@ from toy_models import ToyConfig, ToyLM, reference_kv, reference_logits
 
 from jaxens.combiners.averaging import combine_logit_average, combine_prob_average
 from jaxens.decode import Decoder
-from jaxens.mixture import MixtureEnsemble, me
+from jaxens.combiners.mixture import MixtureEnsemble, me
 from jaxens.sampling import Sampler
 
 PROMPTS = [[5, 9, 2, 7, 1], [3], [11, 4, 4, 8, 13, 2, 6, 17, 9, 1, 20]]

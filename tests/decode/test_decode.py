@@ -8,7 +8,7 @@ from toy_models import ToyConfig, ToyLM, reference_logits
 
 from jaxens.combiners.averaging import combine_logit_average, logit_average, prob_average
 from jaxens.decode import COMBINERS, Decoder, make_combiner, register_combiner
-from jaxens.mixture import me
+from jaxens.combiners.mixture import me
 from jaxens.sampling import Sampler
 
 PROMPTS = [[5, 9, 2, 7, 1], [3], [11, 4, 4, 8, 30, 2, 6, 17, 9, 1, 40], [7, 7]]
@@ -270,3 +270,34 @@ def test_bottleneck_sum_ce_tiny_llamas_reports_statuses():
         comb.init(1),
     )
     assert int(np.argmax(np.asarray(lp)[0])) == out.tokens[0, 0]
+
+
+def test_decode_hooks_place_params_constrain_state_and_check_batch(members, greedy_pair):
+    from jaxens.decode import DecodeHooks
+
+    dev = jax.devices()[0]
+    seen = {"params": 0, "state": 0}
+
+    def params(s):
+        seen["params"] += 1
+        return jax.device_put(s, dev)
+
+    def state(s):
+        seen["state"] += 1
+        return s
+
+    def batch(B):
+        if B % 2:
+            raise ValueError(f"batch of {B} rows is odd")
+
+    hooks = DecodeHooks(params=params, state=state, batch=batch)
+    dec = Decoder(members, logit_average(jnp.array([0.7, 0.3])), Sampler(greedy=True), cache_len=64, hooks=hooks)
+    assert seen["params"] == len(members)
+    out = dec.generate(PROMPTS, 10)
+    assert seen["state"] >= 3  # prefill output, step input and output (traced once each)
+    ref = greedy_pair.generate(PROMPTS, 10)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    with pytest.raises(ValueError, match="batch of 3 rows is odd"):
+        dec.generate(PROMPTS[:3], 2)
+    with pytest.raises(ValueError, match="hooks must be"):
+        Decoder(members, logit_average(), hooks=(params,))

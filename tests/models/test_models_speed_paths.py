@@ -13,7 +13,7 @@ from flax import nnx
 from toy_models import ToyConfig, ToyLM
 
 from jaxens.decode import Decoder
-from jaxens.mixture import me, me_step
+from jaxens.combiners.mixture import me, me_step
 from jaxens.models.base import accepts_logits_keyword
 from jaxens.models.forward import full_logits
 from jaxens.models.gemma3 import Gemma3, Gemma3Config

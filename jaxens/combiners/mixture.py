@@ -59,7 +59,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxens.combiners.averaging import prob_average
-from jaxens.combiners.base import Combiner
+from jaxens.combiners.base import Combiner, normalized_weights
 
 
 class MEStepInfo(NamedTuple):
@@ -78,7 +78,15 @@ class MEStats(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class MixtureEnsemble:
-    """Static ME settings (hashable).  Use :func:`me` to build one.
+    r"""Static ME settings (hashable): each step draws one member :math:`i_t \sim \mathrm{Categorical}(\tilde w)`
+    for the whole batch and samples every row from it, so each row's token follows the mixture
+    :math:`\sum_i \tilde w_i\, \mathrm{softmax}(\ell_i / T)` (see the module doc).
+
+    Example::
+
+        ens = MixtureEnsemble(weights=(0.5, 0.5), max_pending=8)
+        out = Decoder([m1, m2], ens, Sampler()).generate(prompts, 16)
+        out.stats.draws                     # steps on which each member was drawn
 
     Attributes:
       weights: mixture weights ``w_i >= 0`` (normalised), ``None`` for uniform.
@@ -121,13 +129,9 @@ class MixtureEnsemble:
             s *= 2
         return tuple(sizes) + (self.max_pending,)
 
-    def normalized_weights(self, n: int) -> tuple[float, ...]:
-        if self.weights is None:
-            return (1.0 / n,) * n
-        if len(self.weights) != n:
-            raise ValueError(f"ME has {len(self.weights)} weights but the ensemble has {n} members")
-        s = sum(self.weights)
-        return tuple(x / s for x in self.weights)
+    def normalized_weights(self, n: int) -> Float[Array, " n"]:
+        r""":math:`\tilde w = w / \sum_k w_k` for ``n`` members (float32; uniform when ``weights`` is None)."""
+        return normalized_weights(self.weights, n, jnp.float32, owner="ME")
 
     def exact_combiner(self) -> Combiner:
         """The combiner whose plain sampling ME reproduces exactly: probability averaging."""
@@ -192,7 +196,7 @@ def me_step(
     at temperature ``ens.temperature`` for the token after slot ``length - 1``.
     """
     n = len(caches)
-    logw = jnp.log(jnp.asarray(ens.normalized_weights(n), jnp.float32))
+    logw = jnp.log(ens.normalized_weights(n))
     drawn = jax.random.categorical(key, logw).astype(jnp.int32)
     sizes = ens.chunk_sizes
     P = ens.max_pending
