@@ -9,7 +9,7 @@ and fails unless every one of them ran and passed (works under ``pytest -n``).
 
 What is checked (float32):
 
-* every objective of :data:`jaxens.OBJECTIVES` through the bottleneck combiner (default solvers,
+* every objective of :data:`jaxens.objectives.OBJECTIVES` through the bottleneck combiner (default solvers,
   plus ``sum_ce`` with :class:`~jaxens.EntropicNewton`): ``p`` on a mesh within ``1e-5`` of the
   single-device ``p`` (``sum_ce`` with ``EntropicNewton``: ``1e-4`` in float32; the LP-type
   objectives also in float64), same statuses, on 1-D vocabulary meshes of 2, 4, 8 devices, batch-only
@@ -72,7 +72,7 @@ ALL_MESHES = [(1, 1), (1, 2), (1, 4), (1, 8), (2, 1), (8, 1), (2, 4), (4, 2)]
 def _solver_cases():
     from jaxens.solvers.newton import EntropicNewton
 
-    cases = [(o, None) for o in jaxens.OBJECTIVES] + [("sum_ce", EntropicNewton)]
+    cases = [(o, None) for o in jaxens.objectives.OBJECTIVES] + [("sum_ce", EntropicNewton)]
     out = []
     for i, (o, s) in enumerate(cases):
         meshes = ALL_MESHES if FULL else [ROTATION[i]]
