@@ -19,10 +19,10 @@ from jaxens.objectives import OBJECTIVES
 from jaxens.problem import BottleneckProblem, make_problem
 from jaxens.sampling import Sampler, greedy
 from jaxens.solvers.admm import ADMM
-from jaxens.solvers.feasibility import least_squares
+from jaxens.solvers.least_squares import least_squares
 from jaxens.solvers.fista import FISTA
-from jaxens.solvers.newton import EntropicNewton
-from jaxens.solvers.reverse_ce import ReverseCENewton
+from jaxens.solvers.entropic_newton import EntropicNewton
+from jaxens.solvers.cross_entropy_newton import CrossEntropyNewton
 from jaxens.solvers.solution import Solution, Status, raise_if_failed
 from jaxens import sharding  # device meshes (jaxens.sharding)
 from jaxens.sharding import ShardedDecoder, ShardingConfig
@@ -45,7 +45,7 @@ __all__ = [
     "FISTA",
     "MixtureEnsemble",
     "OBJECTIVES",
-    "ReverseCENewton",
+    "CrossEntropyNewton",
     "Sampler",
     "ShardedDecoder",
     "ShardingConfig",

@@ -154,7 +154,7 @@ def _bottleneck_options(args) -> dict:
         if args.combiner not in ("bottleneck-kl", "bottleneck-max_entropy"):
             raise ValueError(f"--hessian-topk applies to bottleneck-kl and bottleneck-max_entropy (the Newton "
                              f"solver), not {args.combiner!r}")
-        from jaxens.solvers.newton import EntropicNewton
+        from jaxens.solvers.entropic_newton import EntropicNewton
 
         opts["solver"] = EntropicNewton(hessian_topk=args.hessian_topk)
     if args.hard is not None:

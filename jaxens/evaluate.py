@@ -621,7 +621,7 @@ _METRICS = ("rows", "nll", "ppl", "inf_rows", "inf_frac", "nll_finite", "top1", 
 
 def _solver(objective: str, cfg: EvalConfig):
     """The objective's default solver, with the truncated Newton Hessian for the entropic ones."""
-    from jaxens.solvers.newton import EntropicNewton
+    from jaxens.solvers.entropic_newton import EntropicNewton
 
     if objective in ("kl", "max_entropy") and cfg.hessian_topk is not None:
         return EntropicNewton(hessian_topk=cfg.hessian_topk)
@@ -647,7 +647,7 @@ def feasibility_rows(problem, logits: np.ndarray, batch_rows: int, solver=None) 
     that has no feasible point).
     """
     from jaxens import objectives as obj
-    from jaxens.solvers.feasibility import least_squares
+    from jaxens.solvers.least_squares import least_squares
 
     n, P, v = logits.shape
     w = jnp.ones((n,), problem.A.dtype) / n
