@@ -22,7 +22,7 @@ from jaxens.harness.data import data_root
 from jaxens.harness import zoo
 from jaxens.models.forward import full_logits
 from jaxens.problem import make_problem
-from jaxens.solvers.newton import EntropicNewton
+from jaxens.solvers.entropic_newton import EntropicNewton
 
 
 def timeit(f, *args, n: int = 5):

@@ -98,7 +98,7 @@ FIRST_ORDER_RTOL = 1e-4
 LEAST_SQUARES_ATOL = 2e-3  # sqrt(2 * FISTA().tol): SOLVED is an objective-gap statement
 
 
-# EntropicNewton.solve_lp (sum_ce): the gradient tolerance is raised to the round-off floor
+# EntropicNewton on the LinearProgram (sum_ce): the gradient tolerance is raised to the round-off floor
 # 4 eps |theta|_inf |G|_max with |theta| ~ 1 / eps_min (1e-3 float32, 1e-6 float64).
 NEWTON_LP_RTOL = {"float32": 2e-3, "float64": 1e-7}
 

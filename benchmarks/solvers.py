@@ -39,7 +39,8 @@ import jax.numpy as jnp  # noqa: E402
 
 import jaxens  # noqa: E402
 from jaxens.solvers.admm import ADMM  # noqa: E402
-from jaxens.solvers.newton import EntropicNewton  # noqa: E402
+from jaxens.solvers.entropic_newton import EntropicNewton  # noqa: E402
+from jaxens.solvers.instances import LinearProgram  # noqa: E402
 from references import cvxpy_lp, highs_lp, jaxopt_boxosqp_lp, osqp_lp  # noqa: E402
 
 
@@ -72,11 +73,8 @@ def run_jaxens(solver, problem, c, m, method: str):
     mask = jnp.ones(c.shape, bool)
     rho = jnp.zeros((problem.num_members,), problem.A.dtype)
     # the problem is an argument, not a closure: no v x D constants in the executable
-    if method == "newton":
-        row = lambda P, ci, mi: solver.solve_lp(P, ci, mask[0], mi, rho)[0]  # noqa: E731
-    else:
-        F = jnp.zeros((problem.vocab_size, 0), problem.A.dtype)
-        row = lambda P, ci, mi: solver.solve(P, ci, F, mask[0], mi, rho)[0]  # noqa: E731
+    # one LinearProgram for both solvers (ADMM; EntropicNewton by entropic continuation)
+    row = lambda P, ci, mi: solver.solve(P, LinearProgram(ci, mask[0], mi, rho))[0]  # noqa: E731
     fn = jax.jit(jax.vmap(row, in_axes=(None, 0, 0)))
     sol = fn(problem, c, m)
     jax.block_until_ready(sol)

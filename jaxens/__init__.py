@@ -27,12 +27,7 @@ from jaxens.decode import DecodeOutput, Decoder, generate, make_combiner, regist
 from jaxens.problem import BottleneckProblem, make_problem
 from jaxens.sampling import Sampler
 from jaxens.sharding import ShardedDecoder, ShardingConfig
-from jaxens.combiners.bottleneck import default_solver
-from jaxens.solvers.admm import ADMM
-from jaxens.solvers.fista import FISTA
-from jaxens.solvers.newton import EntropicNewton
-from jaxens.solvers.reverse_ce import ReverseCENewton as CrossEntropyNewton
-from jaxens.solvers.solution import Solution, Status
+from jaxens.solvers import ADMM, FISTA, CrossEntropyNewton, EntropicNewton, Solution, Status, default_solver
 from jaxens.vocab import CrossDecoder, cross_generate
 
 __version__ = "0.1.0"

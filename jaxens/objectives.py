@@ -10,24 +10,28 @@ Notation (per batch row): members :math:`i = 1..n` with log-probabilities
 :math:`\sum_{i\in S} \frac{\rho_i}{2}\lVert A_i^\top p - m_i\rVert^2` to any objective.
 
 ======================  ==============================================================  =========================
-name                    problem                                                         solver (default)
+name                    problem (instance, :func:`instance`)                            solver (default)
 ======================  ==============================================================  =========================
-``sum_ce``              LP  :math:`\min_{p\in\mathcal F} -\sum_i w_i\, p\cdot\ell_i`    entropic continuation
+``sum_ce``              LP  :math:`\min_{p\in\mathcal F} -\sum_i w_i\, p\cdot\ell_i`    ADMM
 ``sum_sq_ce``           QP  :math:`\min_{p\in\mathcal F} \sum_i w_i (p\cdot\ell_i)^2`   ADMM
-``least_squares``       :math:`\min_{p\in\Delta_v} \lVert A_H^\top p - m_H\rVert_2^2`   FISTA
-``kl``                  :math:`\min_{p\in\mathcal F} \sum_i w_i\,\mathrm{KL}(p\Vert\hat p_i)`      Newton (dual)
-``max_entropy``         :math:`\min_{p\in\mathcal F} \sum_j p_j\log p_j`                Newton (dual)
+``least_squares``       :math:`\min_{p\in\Delta_v} \lVert A_H^\top p - m_H\rVert_2^2`   LeastSquares (FISTA)
+``kl``                  :math:`\min_{p\in\mathcal F} \sum_i w_i\,\mathrm{KL}(p\Vert\hat p_i)`      EntropicNewton (dual)
+``max_entropy``         :math:`\min_{p\in\mathcal F} \sum_j p_j\log p_j`                EntropicNewton (dual)
 ``min_underestimation`` LP  :math:`\min_{p\in\mathcal F}\max_{i,j} p_j/\hat p_{ij}`     ADMM (ratio prox)
-``cross_entropy``       :math:`\min_{p\in\mathcal F} \sum_i w_i H(\hat p_i, p)`         Newton (dual, barrier)
+``cross_entropy``       :math:`\min_{p\in\mathcal F} \sum_i w_i H(\hat p_i, p)`         CrossEntropyNewton (dual)
 ======================  ==============================================================  =========================
+
+The instances are :class:`~jaxens.solvers.instances.LinearProgram`, ``QuadraticProgram``,
+``LeastSquaresProgram``, ``EntropicProgram`` (twice), ``RatioProgram`` and
+``MixtureCrossEntropy``; the defaults are :func:`jaxens.solvers.defaults.default_solver`.
 
 Details and conventions:
 
 * ``sum_ce`` (the blog's LP).  The cost vector is :math:`c = -\sum_i w_i \ell_i`.  An LP has a
-  face of optima in general; the default solver follows the entropic path
-  :math:`\min c\cdot p - \varepsilon H(p)` down to a small :math:`\varepsilon`, whose limit is
-  the *maximum-entropy point of the optimal face* (Cominetti & San Martín, 1994); the ADMM
-  solver returns an optimum that depends on its start.  Without constraints the optimum is the
+  face of optima in general; the default ADMM solver returns an optimum that depends on its
+  start; ``EntropicNewton`` follows the entropic path :math:`\min c\cdot p - \varepsilon H(p)`
+  down to a small :math:`\varepsilon`, whose limit is the *maximum-entropy point of the optimal
+  face* (Cominetti & San Martín, 1994).  Without constraints the optimum is the
   one-hot vector at :math:`\arg\min_j c_j` (the blog's remark).
 * ``sum_sq_ce`` (the blog's QP): :math:`\sum_i w_i (p\cdot\ell_i)^2 = \tfrac12\lVert F^\top p\rVert^2`
   with :math:`F = [\sqrt{2w_1}\,\ell_1, \dots, \sqrt{2w_n}\,\ell_n]` (rank :math:`\le n`): no
@@ -72,6 +76,15 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
+
+from jaxens.solvers.instances import (
+    EntropicProgram,
+    LeastSquaresProgram,
+    LinearProgram,
+    MixtureCrossEntropy,
+    QuadraticProgram,
+    RatioProgram,
+)
 
 OBJECTIVES = (
     "sum_ce",
@@ -121,8 +134,8 @@ def row_data(objective: str, logits: Float[Array, "n v"], weights: Float[Array, 
 
 def over_members(op: Any, x: Array, axis: int = 0) -> Array:
     """Reduce the member axis (static size ``n``) with the binary ``op``, as ``n - 1``
-    elementwise ops: XLA:CPU reduces a small non-minor axis of ``(B, n, v)`` ~10x slower
-    (3 ms vs 0.3 ms at ``v = 49,152``) than it adds ``n`` vectors."""
+    elementwise ops (XLA:CPU reduces a small non-minor axis of ``(B, n, v)`` much slower than it
+    adds ``n`` vectors)."""
     return functools.reduce(op, [jnp.take(x, i, axis=axis) for i in range(x.shape[axis])])
 
 
@@ -143,7 +156,9 @@ def quadratic_factor(d: RowData) -> Float[Array, "v n"]:
 
 
 def kl_prior(d: RowData) -> Float[Array, " v"]:
-    """``kl``: the logit-average prior :math:`\\theta = \\sum_i w_i \\ell_i` (``-inf`` off the mask)."""
+    """``kl``: the logit-average prior :math:`\\theta = \\sum_i w_i \\ell_i` (``-inf`` off the mask;
+    members with :math:`w_i = 0` are ignored), so that
+    :math:`\\mathrm{KL}(p\\Vert\\mathrm{softmax}\\,\\theta) = \\sum_i w_i\\mathrm{KL}(p\\Vert\\hat p_i) + \\text{const}`."""
     theta = -linear_cost(d)
     return jnp.where(d.mask, theta, -jnp.inf)
 
@@ -175,3 +190,23 @@ def underestimation_bound(d: RowData) -> Float[Array, " v"]:
     top = jnp.max(u)
     top = jnp.where(jnp.isfinite(top), top, 0.0)
     return jnp.where(d.mask, jnp.exp(u - top), 0.0)
+
+
+_INSTANCES = {
+    "sum_ce": lambda d, m, rho: LinearProgram(linear_cost(d), d.mask, m, rho),
+    "sum_sq_ce": lambda d, m, rho: QuadraticProgram(
+        jnp.zeros(d.logp.shape[-1:], d.logp.dtype), quadratic_factor(d), d.mask, m, rho
+    ),
+    "least_squares": lambda d, m, rho: LeastSquaresProgram(d.mask, m),
+    "kl": lambda d, m, rho: EntropicProgram(kl_prior(d), d.mask, m, rho),
+    "max_entropy": lambda d, m, rho: EntropicProgram(uniform_prior(d), d.mask, m, rho),
+    "min_underestimation": lambda d, m, rho: RatioProgram(underestimation_bound(d), d.mask, m),
+    "cross_entropy": lambda d, m, rho: MixtureCrossEntropy(mixture_weights(d), d.mask, m, rho),
+}
+
+
+def instance(objective: str, d: RowData, m: Float[Array, " D"], rho: Float[Array, " n"]):
+    """The typed problem instance of ``objective`` for one row (:mod:`jaxens.solvers.instances`):
+    its data from :func:`row_data` ``d``, the members' moments ``m = A^T p_hat`` and the soft
+    weights ``rho`` (see the table in the module docstring)."""
+    return _INSTANCES[check_objective(objective)](d, m, rho)

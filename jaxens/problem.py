@@ -274,8 +274,7 @@ def make_problem(
             f"members {sorted(set(hard_t) & set(soft_t))} are both hard and soft; choose one"
         )
 
-    # Everything from Gram matrices (D x D), never an SVD of a v x D matrix: at v = 49,152 and
-    # D = 1,153 the Gram route takes seconds where the SVD takes many minutes.
+    # Everything from Gram matrices (D x D), never an SVD of a v x D matrix (v >> D).
     G = A.T @ A
     hard_cols = np.concatenate(
         [np.arange(sum(member_cols[:i]), sum(member_cols[: i + 1])) for i in hard_t]

@@ -26,7 +26,7 @@ import numpy as np
 from jaxens.cli.vocab import cross_generate_cli, wants_cross
 from jaxens.decode import COMBINERS, Decoder, make_combiner
 from jaxens.harness import members as jmembers
-from jaxens.harness.defaults import default_solver
+from jaxens.solvers.defaults import default_solver
 from jaxens.harness.members import vocabularies_differ
 from jaxens.combiners.mixture import MixtureEnsemble
 from jaxens.sampling import Sampler

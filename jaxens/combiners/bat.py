@@ -16,7 +16,7 @@ constrained by the softmax bottleneck; if the true distribution ``p`` is such th
 (``A_H`` are the problem's hard columns, e.g. ``make_problem([W], hard="all")``; with a bias the
 bias column is part of ``A_H``.)  The authors solved one LP per candidate with CVXPY + MOSEK on
 the CPU.  Here each candidate's emptiness is decided by the least-squares phase
-(:func:`jaxens.solvers.feasibility.least_squares` with ``p_j`` pinned to 0 and the caps, in
+(:func:`jaxens.solvers.least_squares.least_squares` with ``p_j`` pinned to 0 and the caps, in
 ``decide`` mode): a positive Farkas margin proves the set empty; all ``K`` candidates run in one
 ``vmap``.  A candidate whose verdict stays undecided at the iteration cap is **not** accepted
 (only certified tokens are added), so acceptance is sound up to the tolerance.  Note
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxens.problem import BottleneckProblem
-from jaxens.solvers.feasibility import least_squares
+from jaxens.solvers.least_squares import least_squares
 from jaxens.solvers.fista import FISTA
 from jaxens.solvers.solution import Solution, Status
 

@@ -8,7 +8,9 @@ For each batch row, given the members' logits :math:`\ell_i` (each ``(B, v)``):
    :math:`\min_{p\in\Delta}\lVert A_H^\top p - m_H\rVert^2` decides feasibility; an infeasible row
    returns that least-squares distribution with status ``INFEASIBLE`` and a Farkas certificate
    (never a silent fallback);
-3. otherwise the objective's solver (:mod:`jaxens.objectives`) returns :math:`p^\star`;
+3. otherwise the objective builds its typed instance (:func:`jaxens.objectives.instance`) and
+   the solver returns :math:`p^\star` through the one interface
+   ``solver.solve(problem, instance, warm)`` (default: :func:`jaxens.solvers.defaults.default_solver`);
 4. optional smoothing :math:`(1-\lambda)p^\star + \lambda\,\mathrm{softmax}(\sum_i w_i\ell_i)` keeps
    every token the logit average allows (LP vertices put zero mass on most tokens).
 
@@ -32,6 +34,9 @@ from jaxtyping import Array, Bool, Float
 import jaxens.objectives as obj
 from jaxens.combiners.base import Combiner, check_member_logits, check_weights
 from jaxens.problem import BottleneckProblem
+from jaxens.solvers.defaults import default_solver
+from jaxens.solvers.least_squares import default_feas_rtol, least_squares
+from jaxens.solvers.projections import uniform_on
 from jaxens.solvers.solution import Solution, Status
 
 
@@ -46,30 +51,6 @@ class BottleneckState(NamedTuple):
     warm: Any  # solver-specific warm start pytree with a leading batch axis
     valid: Bool[Array, " B"]  # False before the first step
     problem: BottleneckProblem
-
-
-def default_solver(objective: str):
-    """The solver each objective uses unless one is given."""
-    from jaxens.solvers.admm import ADMM
-    from jaxens.solvers.fista import FISTA
-    from jaxens.solvers.newton import EntropicNewton
-    from jaxens.solvers.reverse_ce import ReverseCENewton
-
-    return {
-        # ADMM is the fastest LP solver here (see benchmarks/solvers.py); for gradients of the
-        # LP use EntropicNewton(), whose solve_lp is differentiable (implicit adjoint).
-        "sum_ce": ADMM(),
-        "sum_sq_ce": ADMM(),
-        "least_squares": FISTA(),
-        "kl": EntropicNewton(),
-        "max_entropy": EntropicNewton(),
-        "min_underestimation": ADMM(),
-        "cross_entropy": ReverseCENewton(),
-    }[objective]
-
-
-def _uniform_on(mask: Array, dtype) -> Array:
-    return jnp.where(mask, 1.0, 0.0).astype(dtype) / jnp.maximum(jnp.sum(mask), 1)
 
 
 def _select(pred: Array, a: Solution, b: Solution) -> Solution:
@@ -99,52 +80,22 @@ def _needs_check(problem: BottleneckProblem, objective: str, check_feasibility: 
 
 def _objective_row(problem, objective, solver, logits, weights, rho, warm):
     """The objective's solve for one row: ``(solution, next warm start, moments, row data)``."""
-    from jaxens.solvers.feasibility import least_squares
-
     d = obj.row_data(objective, logits, weights)
     probs = jnp.exp(d.logp)
     m = problem.moments(probs, problem.constrained)
-    name = type(solver).__name__
-
-    if objective == "least_squares":
-        sol = least_squares(problem, m, d.mask, solver=solver)
-        new_warm = warm
-    elif objective == "sum_ce":
-        c = obj.linear_cost(d)
-        if name == "ADMM":
-            F = jnp.zeros((problem.vocab_size, 0), c.dtype)
-            sol, new_warm = solver.solve(problem, c, F, d.mask, m, rho, x0=warm)
-        else:
-            sol, new_warm = solver.solve_lp(problem, c, d.mask, m, rho, z0=warm)
-    elif objective == "sum_sq_ce":
-        c = jnp.zeros((problem.vocab_size,), d.logp.dtype)
-        sol, new_warm = solver.solve(problem, c, obj.quadratic_factor(d), d.mask, m, rho, x0=warm)
-    elif objective in ("kl", "max_entropy"):
-        theta = obj.kl_prior(d) if objective == "kl" else obj.uniform_prior(d)
-        sol, new_warm = solver.solve(problem, theta, d.mask, m, rho, z0=warm)
-    elif objective == "cross_entropy":
-        sol, new_warm = solver.solve(problem, obj.mixture_weights(d), d.mask, m, rho, y0=warm)
-    elif objective == "min_underestimation":
-        sol, new_warm = solver.solve_ratio(problem, obj.underestimation_bound(d), d.mask, m, x0=warm)
-    else:  # pragma: no cover - guarded by check_objective
-        raise ValueError(objective)
-
+    sol, new_warm = solver.solve(problem, obj.instance(objective, d, m, rho), warm)
     return sol, new_warm, m, d
 
 
 def _witnessed(problem: BottleneckProblem, sol: Solution, m) -> Array:
     """The row's own solution proves the hard constraints feasible (to tolerance)."""
-    from jaxens.solvers.feasibility import default_feas_rtol
-
     p_ng = jax.lax.stop_gradient(sol.p)
     m_ng = jax.lax.stop_gradient(m)
     m_h = problem.hard_moments(m_ng)
     feas_tol = default_feas_rtol(m_ng.dtype) * jnp.maximum(1.0, jnp.linalg.norm(m_h))
     # ... or feasible to the solver's own tolerance, which every solver states in the
     # orthonormal basis (Q^T p = beta, ||beta|| <= 1): A_H^T p - m_H = T^T (Q^T p - beta)
-    # is larger by ||T|| ~ ||A_H||, which a tolerance relative to ||m_H|| does not follow
-    # (Newton at v = 49,152: 1e-5 in the basis, 1e-3 in A_H's units; without this the
-    # phase ran FISTA to its cap on every decoding step).
+    # is larger by ||T|| ~ ||A_H||, which a tolerance relative to ||m_H|| does not follow.
     # The basis sees only the part of m_H in range(T^T): beta = pinv(T^T) [m_H; 1] drops the
     # rest, so with duplicated / rank-deficient members (two copies of W asked for different
     # moments) Q^T p = beta can hold while A_H^T p = m_H cannot.  The basis witness therefore
@@ -176,8 +127,6 @@ def _feasibility_fix(problem: BottleneckProblem, sol: Solution, m, mask, witness
     need no check must not iterate; the combiner skips the phase altogether, with a
     batch-level ``lax.cond``, when every row is witnessed.)
     """
-    from jaxens.solvers.feasibility import least_squares
-
     p_ng = jax.lax.stop_gradient(sol.p)
     m_ng = jax.lax.stop_gradient(m)
     own = problem.moments(jnp.broadcast_to(p_ng, (problem.num_members,) + p_ng.shape), problem.constrained)
@@ -189,7 +138,7 @@ def _feasibility_fix(problem: BottleneckProblem, sol: Solution, m, mask, witness
 
 def _nonfinite_fallback(sol: Solution, d) -> Solution:
     fallback = sol._replace(
-        p=_uniform_on(d.mask, sol.p.dtype),
+        p=uniform_on(d.mask, sol.p.dtype),
         status=jnp.asarray(Status.NONFINITE_INPUT, sol.status.dtype),
     )
     return _select(d.nonfinite, fallback, sol)
@@ -221,9 +170,11 @@ def bottleneck(
       weights: member weights ``w_i`` (normalised; default uniform).
       rho: soft-constraint strengths ``rho_i`` (scalar or per member; used for ``problem.soft``).
       lam: smoothing weight towards the logit average, in ``[0, 1]``.
-      solver: a solver instance overriding :func:`default_solver`.
+      solver: a solver overriding :func:`~jaxens.solvers.defaults.default_solver` (it must accept
+        the objective's instance type, :mod:`jaxens.solvers.instances`).
       check_feasibility: run the least-squares phase on hard constraints (reports infeasibility).
-      warm_start: carry each row's dual/primal iterate to the next step.
+      warm_start: carry each row's warm start (the solver's ``cold_start`` value, then each
+        solve's ``next_warm``) to the next step.
     """
     obj.check_objective(objective)
     n = problem.num_members
@@ -310,7 +261,5 @@ def bottleneck(
 
 
 def _cold_warm(problem: BottleneckProblem, objective: str, solver: Any, dtype) -> Any:
-    """The cold-start warm pytree (unbatched), as each solver defines it."""
-    if hasattr(solver, "cold_start"):
-        return solver.cold_start(problem, dtype)
-    return None
+    """The cold-start warm pytree (unbatched), as each solver defines it (``None``: no carry)."""
+    return solver.cold_start(problem, dtype)

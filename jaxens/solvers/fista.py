@@ -35,17 +35,19 @@ Stopping: the Frank-Wolfe gap :math:`g(x) = \nabla f(x)^\top x - \min_{s\in\math
 \ge f(x) - f^\star` (for the plain simplex, :math:`\min_s = \min_{j\in\mathrm{mask}}\nabla f_j`)
 falls below ``tol * (1 + |f(x)|)``.  It is returned as ``Solution.gap``.
 
-Gradients (``adjoint``): the loop runs on stopped inputs.  ``"implicit"`` differentiates the
-KKT conditions of the returned point on its support, :math:`p = P(p - \nabla f(p))` with
-:math:`P` the projection onto the face's affine hull (:mod:`jaxens.solvers.fixed_point_adjoint`;
+Gradients (``adjoint``): the loop runs on stopped inputs.  :class:`~jaxens.solvers.adjoint.ImplicitAdjoint`
+differentiates the KKT conditions of the returned point on its support, :math:`p = P(p - \nabla f(p))`
+with :math:`P` the projection onto the face's affine hull (:mod:`jaxens.solvers.support_adjoint`;
 here :math:`E = \mathbf 1`, the Hessian factor is :math:`U = [F,\ \sqrt{w_j}A_j]` over the
-weighted columns: one ``K x K`` eigendecomposition per backward pass).  ``"unrolled"`` runs
-``unroll_steps`` FISTA iterations from the converged point and differentiates through them
-(forward value unchanged).  Exact when the optimum is unique (the reduced Hessian is
+weighted columns: one ``K x K`` eigendecomposition per backward pass).
+:class:`~jaxens.solvers.adjoint.UnrolledAdjoint` runs ``steps`` (default 500) FISTA iterations
+from the converged point and differentiates through them (forward value unchanged).  Exact when the optimum is unique (the reduced Hessian is
 non-singular on the support's tangent space), e.g. the least-squares phase of an infeasible row;
 on a feasible row the least-squares optimum is a whole face and has no derivative.
 
-The solver works on one row; ``jax.vmap`` it over a batch (one compile).  No per-row ``v x D``
+The instance is a :class:`~jaxens.solvers.instances.PenalisedProgram`; the loop is
+:func:`jaxens.solvers.base.iterate`.  The solver works on one row; ``jax.vmap`` it over a batch
+(one compile).  No per-row ``v x D``
 matrix is formed: ``A`` is shared, the per-row data are vectors (and ``F``).
 """
 
@@ -54,133 +56,23 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Bool, Float, Int
-from optax.projections import projection_simplex
 
 from jaxens.problem import BottleneckProblem
-from jaxens.solvers.fixed_point_adjoint import support_adjoint
+from jaxens.solvers.adjoint import AbstractAdjoint, ImplicitAdjoint, UnrolledAdjoint, check_adjoint
+from jaxens.solvers.base import AbstractIterativeSolver, iterate
+from jaxens.solvers.instances import PenalisedProgram
+from jaxens.solvers.projections import column_weights, lipschitz, min_linear, project, uniform_on
 from jaxens.solvers.solution import Solution, Status
+from jaxens.solvers.support_adjoint import support_adjoint
 
+__all__ = ["FISTA", "FISTAState", "check_row"]
 
-# --------------------------------------------------------------------------------------------
-# The feasible set C = simplex ∩ mask (∩ box): projection and linear minimisation oracle.
-# --------------------------------------------------------------------------------------------
-def project_masked_simplex(y: Float[Array, " v"], mask: Bool[Array, " v"]) -> Float[Array, " v"]:
-    r"""Euclidean projection onto :math:`\{p \in \Delta_v : p_j = 0 \text{ off mask}\}`.
-
-    Masked entries are moved below ``max(y[mask]) - 1`` before ``optax`` 's simplex projection:
-    the projection's threshold is at least ``max(y) - 1``, so they come out exactly zero.
-    """
-    top = jnp.max(jnp.where(mask, y, -jnp.inf))
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    return jnp.where(mask, projection_simplex(jnp.where(mask, y, top - 2.0)), 0.0)
-
-
-def project_capped_simplex(
-    y: Float[Array, " v"], ub: Float[Array, " v"], num_bisect: int | None = None
-) -> Float[Array, " v"]:
-    r"""Projection onto :math:`\{p : 0 \le p \le u,\ \sum_j p_j = 1\}` (``u = 0`` masks a token).
-
-    :math:`p = \mathrm{clip}(y - \tau, 0, u)` with :math:`\tau` the root of the monotone
-    :math:`\sum_j \mathrm{clip}(y_j-\tau,0,u_j) = 1`: bisection, then one exact solve on the
-    active set.  If :math:`\sum_j u_j < 1` the set is empty and ``u`` (the nearest point of the
-    box to the hyperplane) is returned; callers detect that case separately.
-    """
-    if num_bisect is None:
-        num_bisect = 64 if y.dtype == jnp.float64 else 40
-    lo = jnp.min(jnp.where(ub > 0, y - ub, jnp.inf)) - 1.0
-    lo = jnp.where(jnp.isfinite(lo), lo, 0.0)
-    hi = jnp.max(y)
-
-    def mass(tau):
-        return jnp.sum(jnp.clip(y - tau, 0.0, ub))
-
-    def body(_, bounds):
-        lo, hi = bounds
-        mid = 0.5 * (lo + hi)
-        big = mass(mid) > 1.0
-        return jnp.where(big, mid, lo), jnp.where(big, hi, mid)
-
-    lo, hi = jax.lax.fori_loop(0, num_bisect, body, (lo, hi))
-    tau = 0.5 * (lo + hi)
-    free = (y - tau > 0) & (y - tau < ub)
-    nfree = jnp.sum(free)
-    capped = jnp.sum(jnp.where((y - tau >= ub) & ~free, ub, 0.0))
-    tau_exact = (jnp.sum(jnp.where(free, y, 0.0)) + capped - 1.0) / jnp.maximum(nfree, 1)
-    tau = jnp.where((nfree > 0) & (tau_exact >= lo) & (tau_exact <= hi), tau_exact, tau)
-    return jnp.clip(y - tau, 0.0, ub)
-
-
-def min_linear(
-    g: Float[Array, " v"], mask: Bool[Array, " v"], ub: Float[Array, " v"] | None
-) -> Float[Array, ""]:
-    r""":math:`\min_{s \in \mathcal C} g^\top s` (the linear minimisation oracle's value).
-
-    Simplex: :math:`\min_{j\in\mathrm{mask}} g_j`.  With caps ``u``: fill the cheapest
-    coordinates up to their caps until the mass reaches one (a sort).
-    """
-    if ub is None:
-        return jnp.min(jnp.where(mask, g, jnp.inf))
-    u = jnp.where(mask, ub, 0.0)
-    order = jnp.argsort(g)
-    gs, us = g[order], u[order]
-    before = jnp.cumsum(us) - us
-    take = jnp.clip(1.0 - before, 0.0, us)
-    return jnp.sum(jnp.where(take > 0, gs * take, 0.0))
-
-
-def max_linear(
-    g: Float[Array, " v"], mask: Bool[Array, " v"], ub: Float[Array, " v"] | None
-) -> Float[Array, ""]:
-    r"""Support function :math:`\max_{s \in \mathcal C} g^\top s`."""
-    return -min_linear(-g, mask, ub)
-
-
-def project(
-    y: Float[Array, " v"], mask: Bool[Array, " v"], ub: Float[Array, " v"] | None
-) -> Float[Array, " v"]:
-    if ub is None:
-        return project_masked_simplex(y, mask).astype(y.dtype)
-    return project_capped_simplex(y, jnp.where(mask, ub, 0.0)).astype(y.dtype)
-
-
-def uniform_on(mask: Bool[Array, " v"], dtype) -> Float[Array, " v"]:
-    cnt = jnp.maximum(jnp.sum(mask), 1)
-    return jnp.where(mask, 1.0 / cnt, 0.0).astype(dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# Column weights of the quadratic penalty: rho_i on soft members' columns, h on hard columns.
-# --------------------------------------------------------------------------------------------
-def column_weights(
-    problem: BottleneckProblem, rho: Float[Array, " n"], hard_weight: Float[Array, ""]
-) -> Float[Array, " D"]:
-    """Per-column weight ``w`` so that the penalty is ``0.5 * sum(w * (A^T p - m)**2)``."""
-    n = problem.num_members
-    col_member = np.repeat(np.arange(n), problem.member_cols)
-    is_soft = np.isin(col_member, np.asarray(problem.soft, np.int64))
-    is_hard = np.isin(col_member, np.asarray(problem.hard, np.int64))
-    dtype = problem.A.dtype
-    w = jnp.where(jnp.asarray(is_soft), jnp.asarray(rho, dtype)[col_member], 0.0)
-    return w + jnp.where(jnp.asarray(is_hard), jnp.asarray(hard_weight, dtype), 0.0)
-
-
-def lipschitz(
-    problem: BottleneckProblem,
-    F: Float[Array, "v k"],
-    rho: Float[Array, " n"],
-    hard_weight: Float[Array, ""],
-) -> Float[Array, ""]:
-    soft = np.asarray(problem.soft, np.int64)
-    L = jnp.sum(F * F) + hard_weight * problem.lipschitz_hard
-    if soft.size:
-        L = L + jnp.sum(jnp.asarray(rho)[soft] * problem.lipschitz_members[soft])
-    return L
+_UNROLL_STEPS = 500  # UnrolledAdjoint(steps=None)
 
 
 class FISTAState(NamedTuple):
@@ -198,7 +90,19 @@ class FISTAState(NamedTuple):
     stop: Bool[Array, ""]  # extra stopping rule fired
 
 
-def _check_row(problem, c, F, mask, m, rho):
+class _Row(NamedTuple):
+    """The row's (stopped) data the iteration closes over."""
+
+    evaluate: Callable  # x -> (grad f, f, FW gap, A^T x - m)
+    step: Float[Array, ""]  # 1 / L
+    mask: Bool[Array, " v"]
+    ub: Float[Array, " v"] | None
+    stop_fn: Callable | None
+    stop_arg: Any
+
+
+def check_row(problem, c, F, mask, m, rho):
+    """``ValueError`` with the shapes unless ``c, mask (v,)``, ``F (v, k)``, ``m (D,)``, ``rho (n,)``."""
     v, D, n = problem.vocab_size, problem.A.shape[1], problem.num_members
     if c.shape != (v,):
         raise ValueError(f"c must have shape (v,)=({v},) for one row (vmap for a batch), got {c.shape}")
@@ -213,62 +117,58 @@ def _check_row(problem, c, F, mask, m, rho):
 
 
 @dataclasses.dataclass(frozen=True)
-class FISTA:
+class FISTA(AbstractIterativeSolver):
     """FISTA with adaptive restart over the masked (optionally capped) simplex.
+
+    Accepts :class:`~jaxens.solvers.instances.PenalisedProgram`; the warm start is a
+    distribution ``p0`` (projected onto the feasible set), the next warm start the final ``x``.
 
     Attributes:
       tol: relative Frank-Wolfe gap: stop when ``gap <= tol * (1 + |f|)``.
       max_iters: iteration cap (status ``MAX_ITERS`` when reached).
       restart: gradient-scheme adaptive restart (O'Donoghue & Candes).
       adjoint: gradients of ``p`` with respect to ``c``, ``F``, ``m``, ``rho``, ``hard_weight``
-        and the problem's arrays: ``"implicit"`` (the KKT system on the support,
-        :mod:`jaxens.solvers.fixed_point_adjoint`) or ``"unrolled"`` (reverse mode through
-        ``unroll_steps`` FISTA iterations run from the converged point; the forward value is
-        the converged ``p`` either way).  ``ub`` gets no gradient.
-      unroll_steps: iterations of the unrolled adjoint.
+        and the problem's arrays: :class:`~jaxens.solvers.adjoint.ImplicitAdjoint` (the KKT
+        system on the support, :mod:`jaxens.solvers.support_adjoint`) or
+        :class:`~jaxens.solvers.adjoint.UnrolledAdjoint` (reverse mode through ``steps``
+        FISTA iterations, default 500, run from the converged point; the forward value is the
+        converged ``p`` either way).  ``ub`` gets no gradient.
     """
 
     tol: float = 1e-6
     max_iters: int = 2000
     restart: bool = True
-    adjoint: Literal["implicit", "unrolled"] = "implicit"
-    unroll_steps: int = 500
+    adjoint: AbstractAdjoint = ImplicitAdjoint()
+
+    accepts: ClassVar[tuple[type, ...]] = (PenalisedProgram,)
 
     def __post_init__(self):
         if not self.tol > 0:
             raise ValueError(f"Expected tol > 0, got {self.tol}")
         if not self.max_iters >= 1:
             raise ValueError(f"Expected max_iters >= 1, got {self.max_iters}")
-        if self.adjoint not in ("implicit", "unrolled"):
-            raise ValueError(f"adjoint must be 'implicit' or 'unrolled', got {self.adjoint!r}")
-        if self.unroll_steps < 1:
-            raise ValueError(f"Expected unroll_steps >= 1, got {self.unroll_steps}")
+        check_adjoint(self.adjoint)
 
     def solve(
-        self,
-        problem: BottleneckProblem,
-        c: Float[Array, " v"],
-        F: Float[Array, "v k"],
-        mask: Bool[Array, " v"],
-        m: Float[Array, " D"],
-        rho: Float[Array, " n"],
-        hard_weight: float | Float[Array, ""] = 0.0,
-        p0: Float[Array, " v"] | None = None,
-        ub: Float[Array, " v"] | None = None,
+        self, problem: BottleneckProblem, instance: PenalisedProgram, warm: Float[Array, " v"] | None = None
     ) -> tuple[Solution, Float[Array, " v"]]:
-        """Solve one row; returns ``(Solution, p)`` (``p`` is the final iterate, for warm starts).
+        """Solve one row; returns ``(Solution, x)`` (``x`` the final iterate, for warm starts).
 
-        ``ub`` optionally caps ``p <= ub`` (used by basis-aware truncation).  ``mask`` must
-        allow at least one token.  ``vmap`` over all array arguments for a batch.  Entries of
-        ``c`` / ``F`` off the mask are ignored (may be ``inf``); a non-finite entry on the mask
-        (e.g. ``-log 0``: mask such tokens out) or in ``m`` gives status ``NONFINITE_INPUT``
-        and the uniform distribution over the mask.
+        ``instance.mask`` must allow at least one token.  Entries of ``c`` / ``F`` off the mask
+        are ignored (may be ``inf``); a non-finite entry on the mask (e.g. ``-log 0``: mask such
+        tokens out) or in ``m`` gives status ``NONFINITE_INPUT`` and the uniform distribution
+        over the mask.
         """
-        sol, state = _fista_solve(self, problem, c, F, mask, m, rho, hard_weight, p0, ub, None, None)
+        sol, state = self.run(problem, instance, warm)
         return sol, state.x
 
     def run(
-        self, problem, c, F, mask, m, rho, hard_weight=0.0, p0=None, ub=None, stop_fn=None, stop_arg=None
+        self,
+        problem: BottleneckProblem,
+        instance: PenalisedProgram,
+        warm: Float[Array, " v"] | None = None,
+        stop_fn: Callable[[FISTAState, Any], Array] | None = None,
+        stop_arg: Any = None,
     ) -> tuple[Solution, FISTAState]:
         """Like :meth:`solve` but returns the full :class:`FISTAState`.
 
@@ -276,7 +176,42 @@ class FISTA:
         it is hashable and does not recompile; ``stop_arg`` is a traced pytree).  When it fires
         the status is ``SOLVED``.
         """
-        return _fista_solve(self, problem, c, F, mask, m, rho, hard_weight, p0, ub, stop_fn, stop_arg)
+        self.check_instance(instance)
+        c, F, mask, m, rho, hard_weight, ub = instance
+        return _fista_solve(self, problem, c, F, mask, m, rho, hard_weight, warm, ub, stop_fn, stop_arg)
+
+    # ----- the iteration (driven by jaxens.solvers.base.iterate) -----
+    def step(self, row: _Row, s: FISTAState) -> FISTAState:
+        z = project(s.y - row.step * s.gy, row.mask, row.ub)
+        gz, fz, gapz, rz = row.evaluate(z)
+        t_new = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * s.t * s.t))
+        if self.restart:
+            do_restart = jnp.dot(s.y - z, z - s.x) > 0
+            t_new = jnp.where(do_restart, jnp.ones_like(t_new), t_new)
+            mom = jnp.where(do_restart, 0.0, (s.t - 1.0) / t_new)
+        else:
+            mom = (s.t - 1.0) / t_new
+        y = z + mom * (z - s.x)
+        gy = gz + mom * (gz - s.gx)
+        new = FISTAState(z, gz, y, gy, t_new, fz, gapz, rz, s.iterations + 1, s.stop)
+        if row.stop_fn is not None:
+            new = new._replace(stop=row.stop_fn(new, row.stop_arg))
+        # never step onto a non-finite iterate: keep the last finite one
+        ok = jnp.isfinite(fz) & jnp.all(jnp.isfinite(z))
+        bad = s._replace(f=jnp.asarray(jnp.nan, s.f.dtype))
+        return jax.tree.map(lambda a, b: jnp.where(ok, a, b).astype(b.dtype), new, bad)
+
+    def _gap_small(self, s: FISTAState) -> Bool[Array, ""]:
+        return s.gap <= self.tol * (1.0 + jnp.abs(s.f))
+
+    def failed(self, row: _Row, s: FISTAState) -> Bool[Array, ""]:
+        return ~jnp.isfinite(s.f)
+
+    def converged(self, row: _Row, s: FISTAState) -> Bool[Array, ""]:
+        return self._gap_small(s) | s.stop
+
+    def terminate(self, row: _Row, s: FISTAState) -> Bool[Array, ""]:
+        return self.converged(row, s) | self.failed(row, s)
 
 
 @functools.partial(jax.jit, static_argnames=("solver", "stop_fn"))
@@ -300,7 +235,7 @@ def _fista_solve(
     m = jnp.asarray(m, dtype)
     mask = jnp.asarray(mask, bool)
     rho = jnp.asarray(rho, dtype)
-    _check_row(problem, c, F, mask, m, rho)
+    check_row(problem, c, F, mask, m, rho)
     h = jnp.asarray(hard_weight, dtype)
     if ub is not None:
         ub = jnp.asarray(ub, dtype)
@@ -350,44 +285,16 @@ def _fista_solve(
     if stop_fn is not None:
         state = state._replace(stop=stop_fn(state, stop_arg))
 
-    def converged(s):
-        return s.gap <= solver.tol * (1.0 + jnp.abs(s.f))
-
-    def cond(s):
-        return (s.iterations < solver.max_iters) & ~converged(s) & ~s.stop & jnp.isfinite(s.f)
-
-    def body(s):
-        z = project(s.y - step * s.gy, mask, ub)
-        gz, fz, gapz, rz = evaluate(z)
-        t_new = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * s.t * s.t))
-        if solver.restart:
-            do_restart = jnp.dot(s.y - z, z - s.x) > 0
-            t_new = jnp.where(do_restart, jnp.ones_like(t_new), t_new)
-            mom = jnp.where(do_restart, 0.0, (s.t - 1.0) / t_new)
-        else:
-            mom = (s.t - 1.0) / t_new
-        y = z + mom * (z - s.x)
-        gy = gz + mom * (gz - s.gx)
-        new = FISTAState(z, gz, y, gy, t_new, fz, gapz, rz, s.iterations + 1, s.stop)
-        if stop_fn is not None:
-            new = new._replace(stop=stop_fn(new, stop_arg))
-        # never step onto a non-finite iterate: keep the last finite one
-        ok = jnp.isfinite(fz) & jnp.all(jnp.isfinite(z))
-        bad = s._replace(f=jnp.asarray(jnp.nan, dtype))
-        return jax.tree.map(lambda a, b: jnp.where(ok, a, b).astype(b.dtype), new, bad)
-
-    state = jax.lax.while_loop(cond, body, state)
-    numerr = ~jnp.isfinite(state.f)
-    status = jnp.where(converged(state) | state.stop, Status.SOLVED, Status.MAX_ITERS)
-    status = jnp.where(numerr, Status.NUMERICAL_ERROR, status)
+    row = _Row(evaluate, step, mask, ub, stop_fn, stop_arg)
+    state, _, status = iterate(solver, row, state, solver.max_iters)
     status = jnp.where(finite_in, status, Status.NONFINITE_INPUT).astype(jnp.int32)
     x = state.x
-    if solver.adjoint == "implicit":
+    if isinstance(solver.adjoint, UnrolledAdjoint):
+        x_d = _unrolled(solver, params, mask, ub, x, step)
+    else:
         cap = jnp.ones_like(x) if ub is None else ub
         free = (mask & (x > 0) & (x < cap)).astype(dtype)
         x_d = _fista_attach(x, params, free, jnp.where(free > 0, 0.0, x))
-    else:
-        x_d = _unrolled(solver, params, mask, ub, x, step)
     p = jnp.where(finite_in, x_d, uniform_on(mask, dtype))
     sol = Solution(
         p=p,
@@ -427,7 +334,7 @@ _fista_attach = support_adjoint(_fista_grad, _fista_eq, _fista_factor)
 
 
 def _unrolled(solver: FISTA, params, mask, ub, x, step):
-    """``unroll_steps`` differentiable FISTA iterations from the converged ``x`` (forward value:
+    """``steps`` differentiable FISTA iterations from the converged ``x`` (forward value:
     ``x``; backward: reverse mode through the iterations)."""
     x = jax.lax.stop_gradient(x)
     step = jax.lax.stop_gradient(step)
@@ -443,5 +350,6 @@ def _unrolled(solver: FISTA, params, mask, ub, x, step):
             mom = jnp.where(do_restart, 0.0, mom)
         return z, z + mom * (z - xk), t_new
 
-    xt, _, _ = jax.lax.fori_loop(0, solver.unroll_steps, body, (x, x, jnp.ones((), x.dtype)))
+    steps = solver.adjoint.num_steps(_UNROLL_STEPS)
+    xt, _, _ = jax.lax.fori_loop(0, steps, body, (x, x, jnp.ones((), x.dtype)))
     return jax.lax.stop_gradient(x) + xt - jax.lax.stop_gradient(xt)

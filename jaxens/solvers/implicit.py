@@ -1,6 +1,6 @@
 r"""Implicit differentiation of a root :math:`z^\star(\pi)` of an optimality condition.
 
-The dual solvers in :mod:`jaxens.solvers.newton` and :mod:`jaxens.solvers.reverse_ce` return
+The dual solvers in :mod:`jaxens.solvers.entropic_newton` and :mod:`jaxens.solvers.cross_entropy_newton` return
 the minimiser :math:`z^\star` of a smooth convex dual :math:`\varphi(z;\pi)` whose parameters
 :math:`\pi` are the logits :math:`\theta` (or the mixture :math:`s`), the moments :math:`m`,
 the soft weights :math:`\rho` and the array leaves of the
@@ -32,7 +32,7 @@ the minimum-norm (pseudo-inverse) ones, meaningful only along perturbations that
 :math:`\rho`, ``A`` (soft columns) and ``s`` are exact and tested against finite differences.
 
 The *unrolled* alternative (differentiate through a fixed number of Newton steps run with
-``lax.fori_loop``) is a solver setting (``adjoint="unrolled"``); the tests check both agree.
+``lax.fori_loop``) is a solver setting (``adjoint=UnrolledAdjoint(steps)``, :mod:`jaxens.solvers.adjoint`); the tests check both agree.
 """
 
 from __future__ import annotations

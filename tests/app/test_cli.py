@@ -179,7 +179,7 @@ def test_bottleneck_from_cli(capsys):
     code, out, _ = run(base + ["--combiner", "bottleneck-kl", "--hard", "0", "--hessian-topk", "8"], capsys)
     _, full, _ = run(base + ["--combiner", "bottleneck-kl", "--hard", "0"], capsys)
     assert code == 0 and out == full
-    from jaxens.solvers.newton import EntropicNewton
+    from jaxens.solvers.entropic_newton import EntropicNewton
 
     opts = generate._bottleneck_options(cli.build_parser().parse_args(
         ["generate", "--member", "a", "--combiner", "bottleneck-kl", "--hessian-topk", "2048"]))

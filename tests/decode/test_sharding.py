@@ -70,7 +70,7 @@ ALL_MESHES = [(1, 1), (1, 2), (1, 4), (1, 8), (2, 1), (8, 1), (2, 4), (4, 2)]
 
 
 def _solver_cases():
-    from jaxens.solvers.newton import EntropicNewton
+    from jaxens.solvers.entropic_newton import EntropicNewton
 
     cases = [(o, None) for o in jaxens.objectives.OBJECTIVES] + [("sum_ce", EntropicNewton)]
     out = []

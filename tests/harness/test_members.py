@@ -9,13 +9,13 @@ import pytest
 
 from jaxens.cli.generate import _parse_hard
 from jaxens.cli.vocab import parse_vocab_options
-from jaxens.harness.defaults import default_solver
+from jaxens.solvers.defaults import default_solver
 from jaxens.harness.evaluate import EvalConfig, least_squares_solver, solver_for
 from jaxens.harness.files import atomic_directory
 from jaxens.harness.members import tokenizer_vocab_size, vocabularies_differ
 from jaxens.solvers.admm import ADMM
 from jaxens.solvers.fista import FISTA
-from jaxens.solvers.newton import EntropicNewton
+from jaxens.solvers.entropic_newton import EntropicNewton
 
 
 def test_atomic_directory_replaces_and_cleans_up(tmp_path):
@@ -66,7 +66,7 @@ def test_eval_solvers_are_the_defaults_with_the_config_caps():
     assert solver_for("max_entropy", cfg) == EntropicNewton(hessian_topk=2048)
     for o in ("sum_ce", "sum_sq_ce", "min_underestimation"):
         assert solver_for(o, cfg) == ADMM(max_iters=3000)
-    assert solver_for("least_squares", cfg) == FISTA()
+    assert solver_for("least_squares", cfg) == default_solver("least_squares")
     free = EvalConfig(hessian_topk=None, max_iters=None)
     assert solver_for("kl", free) == EntropicNewton() and solver_for("sum_ce", free) == ADMM()
     assert least_squares_solver(cfg) == FISTA(max_iters=3000) and least_squares_solver(free) is None

@@ -23,10 +23,13 @@ from scipy.optimize import linprog, minimize
 import jaxens
 from jaxens.combiners.bottleneck import bottleneck
 from jaxens.solvers.admm import ADMM
+from jaxens.solvers.adjoint import ImplicitAdjoint, UnrolledAdjoint
 from jaxens.solvers.fista import FISTA
+from jaxens.solvers.instances import QuadraticProgram, RatioProgram
+from jaxens.solvers.least_squares import LeastSquares
 from jaxens.solvers.implicit import differentiable_problem
-from jaxens.solvers.newton import EntropicNewton
-from jaxens.solvers.reverse_ce import ReverseCENewton
+from jaxens.solvers.entropic_newton import EntropicNewton
+from jaxens.solvers.cross_entropy_newton import CrossEntropyNewton
 from jaxens.solvers.solution import Status
 
 
@@ -76,16 +79,20 @@ def infeasible_instance(seed, dim=6):
     return Ws, logits
 
 
+def _adjoint(adjoint, steps):
+    return ImplicitAdjoint() if adjoint == "implicit" else UnrolledAdjoint(steps=steps)
+
+
 def _solver(objective, adjoint):
     if objective in ("sum_ce", "sum_sq_ce", "min_underestimation"):
         # rho0=1: with soft members the adaptive rule does not move rho away from the default 0.1
         # and the linearised ADMM then needs >1e5 iterations for 1e-11 (known gap, see report)
-        return ADMM(tol_abs=1e-11, tol_rel=1e-11, rho0=1.0, max_iters=100000, adjoint=adjoint, unroll_steps=30000)
+        return ADMM(tol_abs=1e-11, tol_rel=1e-11, rho0=1.0, max_iters=100000, adjoint=_adjoint(adjoint, 30000))
     if objective == "least_squares":
-        return FISTA(tol=1e-15, max_iters=50000, adjoint=adjoint, unroll_steps=3000)
+        return LeastSquares(FISTA(tol=1e-15, max_iters=50000, adjoint=_adjoint(adjoint, 3000)))
     if objective in ("kl", "max_entropy"):
-        return EntropicNewton(tol=1e-13, adjoint=adjoint, unroll_steps=40)
-    return ReverseCENewton(tol=1e-13)
+        return EntropicNewton(tol=1e-13, adjoint=_adjoint(adjoint, 40))
+    return CrossEntropyNewton(tol=1e-13)
 
 
 def _loss_fn(problem, objective, solver, a):
@@ -172,7 +179,7 @@ def test_gradients_match_finite_differences(objective, config):
     a = jnp.asarray(rng.normal(size=V))
     w = jnp.asarray([0.5, 0.3, 0.2])
     rho = jnp.asarray(RHO)
-    # unrolled Newton is checked against implicit in test_implicit.py; ReverseCENewton has no
+    # unrolled Newton is checked against implicit in test_implicit.py; CrossEntropyNewton has no
     # unrolled mode
     # min_underestimation's unrolled adjoint: test_min_underestimation_basis_gradient...; the
     # unrolled ADMM/FISTA adjoints on the "all" and "soft" rows (and least_squares' subset)
@@ -218,7 +225,7 @@ def test_lp_vertex_gradient_is_the_basis_derivative_and_zero_in_cost():
     a = rng.normal(size=V)
 
     def f(c, m):
-        sol, _ = solver.solve(problem, c, jnp.zeros((V, 0)), mask, m, jnp.zeros(N))
+        sol, _ = solver.solve(problem, QuadraticProgram(c, jnp.zeros((V, 0)), mask, m, jnp.zeros(N)))
         return jnp.asarray(a) @ sol.p
 
     gc, gm = jax.grad(f, argnums=(0, 1))(jnp.asarray(c), jnp.asarray(m))
@@ -240,8 +247,8 @@ def test_min_underestimation_basis_gradient_finite_differences():
     a = jnp.asarray(rng.normal(size=V))
     out = {}
     for adj in ("implicit", "unrolled"):
-        solver = ADMM(tol_abs=1e-12, tol_rel=1e-12, max_iters=200000, adjoint=adj, unroll_steps=3000)
-        f = lambda r, m: a @ solver.solve_ratio(problem, r, mask, m)[0].p  # noqa: E731
+        solver = ADMM(tol_abs=1e-12, tol_rel=1e-12, max_iters=200000, adjoint=_adjoint(adj, 3000))
+        f = lambda r, m: a @ solver.solve(problem, RatioProgram(r, mask, m))[0].p  # noqa: E731
         out[adj] = jax.grad(f, argnums=(0, 1))(r, m)
     dr = rng.normal(size=V) * np.asarray(r) * 0.1
     dm = rng.normal(size=m.shape) * 0.01

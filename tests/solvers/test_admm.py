@@ -8,7 +8,9 @@ import pytest
 from scipy.optimize import linprog
 
 from jaxens import make_problem
-from jaxens.solvers.admm import ADMM, ratio_prox_s
+from jaxens.solvers.admm import ADMM
+from jaxens.solvers.admm_ratio import ratio_prox_s
+from jaxens.solvers.instances import QuadraticProgram, RatioProgram
 from jaxens.solvers.solution import Status
 
 
@@ -57,7 +59,7 @@ def test_lp_sum_ce_vs_highs(seed):
     A = np.asarray(prob.A)
     v = A.shape[0]
     c = -np.log(ph).sum(0)
-    sol, st = SOLVER.solve(prob, jnp.asarray(c), jnp.zeros((v, 0)), jnp.ones(v, bool), jnp.asarray(m), jnp.zeros(3))
+    sol, st = SOLVER.solve(prob, QuadraticProgram(jnp.asarray(c), jnp.zeros((v, 0)), jnp.ones(v, bool), jnp.asarray(m), jnp.zeros(3)))
     p = _check(prob, m, sol)
     Aeq, beq = _eq(A, m)
     ref = linprog(c, A_eq=Aeq, b_eq=beq, bounds=(0, None), method="highs")
@@ -74,7 +76,7 @@ def test_qp_sum_sq_ce_vs_osqp():
     mask = np.ones(v, bool)
     mask[[3, 17, 40]] = False
     mask_j = jnp.asarray(mask)
-    sol, st = SOLVER.solve(prob, jnp.zeros(v), jnp.asarray(F), mask_j, jnp.asarray(m), jnp.zeros(3))
+    sol, st = SOLVER.solve(prob, QuadraticProgram(jnp.zeros(v), jnp.asarray(F), mask_j, jnp.asarray(m), jnp.zeros(3)))
     p = np.asarray(sol.p)
     assert np.all(p[~mask] == 0)
     Aeq, beq = _eq(A, m)
@@ -91,7 +93,7 @@ def test_soft_member_vs_clarabel():
     v = prob.vocab_size
     c = -np.log(ph[0])
     rho = np.array([0.0, 5.0, 2.0])
-    sol, st = SOLVER.solve(prob, jnp.asarray(c), jnp.zeros((v, 0)), jnp.ones(v, bool), jnp.asarray(m), jnp.asarray(rho))
+    sol, st = SOLVER.solve(prob, QuadraticProgram(jnp.asarray(c), jnp.zeros((v, 0)), jnp.ones(v, bool), jnp.asarray(m), jnp.asarray(rho)))
     p = np.asarray(sol.p)
     assert float(sol.primal_residual) <= 1e-5
     d = 10
@@ -109,7 +111,7 @@ def test_min_underestimation_vs_highs(seed):
     A = np.asarray(prob.A)
     v = A.shape[0]
     r = ph.min(0)
-    sol, st = SOLVER.solve_ratio(prob, jnp.asarray(r), jnp.ones(v, bool), jnp.asarray(m))
+    sol, st = SOLVER.solve(prob, RatioProgram(jnp.asarray(r), jnp.ones(v, bool), jnp.asarray(m)))
     p = _check(prob, m, sol)
     Aeq, beq = _eq(A, m)
     cc = np.zeros(v + 1)
@@ -141,16 +143,16 @@ def test_warm_start_and_vmap():
     c = -np.log(ph).sum(0)
     solver = ADMM(tol_abs=1e-5, tol_rel=1e-5, max_iters=30000)
     args = (jnp.zeros((v, 0)), jnp.ones(v, bool), jnp.asarray(m), jnp.zeros(3))
-    sol1, st1 = solver.solve(prob, jnp.asarray(c), *args)
+    sol1, st1 = solver.solve(prob, QuadraticProgram(jnp.asarray(c), *args))
     assert int(sol1.status) == Status.SOLVED
     c2 = c + 0.01 * np.random.default_rng(0).normal(size=v)  # the next, nearby problem
-    cold, _ = solver.solve(prob, jnp.asarray(c2), *args)
-    warm, _ = solver.solve(prob, jnp.asarray(c2), *args, x0=st1)
+    cold, _ = solver.solve(prob, QuadraticProgram(jnp.asarray(c2), *args))
+    warm, _ = solver.solve(prob, QuadraticProgram(jnp.asarray(c2), *args), st1)
     assert int(warm.status) == Status.SOLVED
     assert int(warm.iterations) < int(cold.iterations)
     # batched: one compile, rows equal the unbatched solves
     cs = jnp.stack([jnp.asarray(c), jnp.asarray(c2)])
-    f = jax.jit(jax.vmap(lambda c: solver.solve(prob, c, *args)[0]))
+    f = jax.jit(jax.vmap(lambda c: solver.solve(prob, QuadraticProgram(c, *args))[0]))
     sol = f(cs)
     np.testing.assert_allclose(np.asarray(sol.p[1]), np.asarray(cold.p), atol=1e-9)
     f(cs + 1.0)

@@ -16,8 +16,10 @@ import pytest
 from scipy.optimize import linprog
 
 from jaxens import make_problem
-from jaxens.solvers.admm import ADMM, PolishStatus
-from jaxens.solvers.fixed_point_adjoint import kkt_solve
+from jaxens.solvers.admm import ADMM
+from jaxens.solvers.instances import QuadraticProgram
+from jaxens.solvers.polish import PolishStatus
+from jaxens.solvers.support_adjoint import kkt_solve
 from jaxens.solvers.solution import Status
 
 V, N, D = 120, 3, 8
@@ -70,7 +72,7 @@ def dtype(request):
 def test_lp_polished_vertex_equals_highs(dtype, seed):
     Ws, ph, m = _instance(seed)
     prob = make_problem(Ws, dtype=dtype)
-    sol, st = ADMM().solve(prob, *_lp_args(Ws, ph, m, dtype))
+    sol, st = ADMM().solve(prob, QuadraticProgram(*_lp_args(Ws, ph, m, dtype)))
     assert int(st.polish) == PolishStatus.ACCEPTED
     assert int(sol.status) == Status.SOLVED
     ref = _highs(-np.log(ph).sum(0), Ws, m)
@@ -86,7 +88,7 @@ def test_qp_polished_equals_clarabel(dtype):
     mask = np.ones(V, bool)
     mask[[3, 17, 40]] = False
     prob = make_problem(Ws, dtype=dtype)
-    sol, st = ADMM().solve(prob, *_qp_args(Ws, ph, m, dtype, mask))
+    sol, st = ADMM().solve(prob, QuadraticProgram(*_qp_args(Ws, ph, m, dtype, mask)))
     assert int(st.polish) == PolishStatus.ACCEPTED
     assert int(sol.status) == Status.SOLVED
     L = np.log(ph).T
@@ -117,7 +119,7 @@ def test_float32_batch_of_one_equals_batch_of_eight(kind):
         cs.append(args[0])
         Fs.append(args[1])
     m, c, F = jnp.asarray(np.stack(ms), jnp.float32), jnp.stack(cs), jnp.stack(Fs)
-    solve = lambda c, F, m: ADMM().solve(prob, c, F, jnp.asarray(mask), m, jnp.zeros(N))  # noqa: E731
+    solve = lambda c, F, m: ADMM().solve(prob, QuadraticProgram(c, F, jnp.asarray(mask), m, jnp.zeros(N)))  # noqa: E731
     sol8, st8 = jax.jit(jax.vmap(solve))(c, F, m)
     one = jax.jit(solve)
     res1 = [one(c[b], F[b], m[b]) for b in range(8)]
@@ -146,7 +148,7 @@ def test_degenerate_constant_cost_is_not_broken():
         with jax.enable_x64(dt == jnp.float64):
             prob = make_problem(Ws, dtype=dt)
             args = (jnp.asarray(c, dt), jnp.zeros((V, 0), dt), jnp.ones(V, bool), jnp.asarray(m, dt), jnp.zeros(N, dt))
-            sol, st = ADMM().solve(prob, *args)
+            sol, st = ADMM().solve(prob, QuadraticProgram(*args))
             p = np.asarray(sol.p, np.float64)
             assert int(sol.status) == Status.SOLVED
             assert int(st.polish) in (PolishStatus.ACCEPTED, PolishStatus.SKIPPED, PolishStatus.REJECTED)
@@ -161,12 +163,12 @@ def test_polish_status_cap_and_switch():
         Ws, ph, m = _instance(0)
         prob = make_problem(Ws, dtype=jnp.float64)
         args = _lp_args(Ws, ph, m, jnp.float64)
-        off, st_off = ADMM(polish=False).solve(prob, *args)
+        off, st_off = ADMM(polish=False).solve(prob, QuadraticProgram(*args))
         assert int(st_off.polish) == PolishStatus.NOT_RUN
-        capped, st_cap = ADMM(polish_cap=2).solve(prob, *args)
+        capped, st_cap = ADMM(polish_cap=2).solve(prob, QuadraticProgram(*args))
         assert int(st_cap.polish) == PolishStatus.SKIPPED
         np.testing.assert_array_equal(np.asarray(capped.p), np.asarray(off.p))
-        on, st_on = ADMM().solve(prob, *args)
+        on, st_on = ADMM().solve(prob, QuadraticProgram(*args))
         assert int(st_on.polish) == PolishStatus.ACCEPTED
         # without polishing the iterate is only as accurate as ADMM's tolerances
         ref = _highs(-np.log(ph).sum(0), Ws, m)

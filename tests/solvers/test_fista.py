@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from jaxens import make_problem
-from jaxens.solvers.fista import FISTA, project_capped_simplex, project_masked_simplex
+from jaxens.solvers.fista import FISTA
+from jaxens.solvers.instances import PenalisedProgram
+from jaxens.solvers.projections import project_capped_simplex, project_masked_simplex
 from jaxens.solvers.solution import Status
 
 
@@ -71,10 +73,7 @@ def test_fista_matches_cvxpy(seed, with_ub):
     h = 1.5
     ub = np.where(mask, 0.05, 0.0) if with_ub else None
     solver = FISTA(tol=1e-10, max_iters=20000)
-    sol, p = solver.solve(
-        prob, jnp.asarray(c), jnp.asarray(F), jnp.asarray(mask), jnp.asarray(m), jnp.asarray(rho),
-        hard_weight=h, ub=None if ub is None else jnp.asarray(ub),
-    )
+    sol, p = solver.solve(prob, PenalisedProgram(jnp.asarray(c), jnp.asarray(F), jnp.asarray(mask), jnp.asarray(m), jnp.asarray(rho), hard_weight=h, ub=None if ub is None else jnp.asarray(ub)))
     p = np.asarray(p)
     assert int(sol.status) == Status.SOLVED
     assert np.all(p >= 0) and abs(p.sum() - 1) < 1e-12 and np.all(p[~mask] == 0)
@@ -97,7 +96,7 @@ def test_fista_vmap_one_compile_and_nonfinite():
     solver = FISTA(tol=1e-8, max_iters=3000)
 
     def row(c, mask, m):
-        return solver.solve(prob, c, jnp.zeros((v, 0)), mask, m, jnp.zeros(3), hard_weight=2.0)[0]
+        return solver.solve(prob, PenalisedProgram(c, jnp.zeros((v, 0)), mask, m, jnp.zeros(3), hard_weight=2.0))[0]
 
     f = jax.jit(jax.vmap(row))
     sol = f(c, masks, ms)
@@ -136,9 +135,9 @@ def test_bad_shapes_raise():
     prob, Ws, ph, m = _instance(0)
     v = prob.vocab_size
     with pytest.raises(ValueError, match="c must have shape"):
-        FISTA().solve(prob, jnp.zeros(v + 1), jnp.zeros((v, 0)), jnp.ones(v, bool), jnp.asarray(m), jnp.zeros(3))
+        FISTA().solve(prob, PenalisedProgram(jnp.zeros(v + 1), jnp.zeros((v, 0)), jnp.ones(v, bool), jnp.asarray(m), jnp.zeros(3)))
     with pytest.raises(ValueError, match="rho must have shape"):
-        FISTA().solve(prob, jnp.zeros(v), jnp.zeros((v, 0)), jnp.ones(v, bool), jnp.asarray(m), jnp.zeros(2))
+        FISTA().solve(prob, PenalisedProgram(jnp.zeros(v), jnp.zeros((v, 0)), jnp.ones(v, bool), jnp.asarray(m), jnp.zeros(2)))
 
 
 def test_inf_cost_off_mask_is_ignored():
@@ -150,8 +149,6 @@ def test_inf_cost_off_mask_is_ignored():
     c[:5] = np.inf  # -log 0 on masked tokens
     F = np.log(ph[:2]).T.copy()
     F[:5] = -np.inf
-    sol, p = FISTA(tol=1e-8).solve(
-        prob, jnp.asarray(c), jnp.asarray(F), jnp.asarray(mask), jnp.asarray(m), jnp.zeros(3), hard_weight=2.0
-    )
+    sol, p = FISTA(tol=1e-8).solve(prob, PenalisedProgram(jnp.asarray(c), jnp.asarray(F), jnp.asarray(mask), jnp.asarray(m), jnp.zeros(3), hard_weight=2.0))
     assert int(sol.status) == Status.SOLVED
     assert np.all(np.asarray(p)[:5] == 0) and np.all(np.isfinite(np.asarray(p)))

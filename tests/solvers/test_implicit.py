@@ -8,10 +8,19 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from jaxens.objectives import over_members
 from jaxens.problem import make_problem
-from jaxens.solvers.newton import EntropicNewton, kl_prior
-from jaxens.solvers.reverse_ce import ReverseCENewton
+from jaxens.solvers.adjoint import UnrolledAdjoint
+from jaxens.solvers.entropic_newton import EntropicNewton
+from jaxens.solvers.instances import EntropicProgram, LinearProgram, MixtureCrossEntropy
+from jaxens.solvers.cross_entropy_newton import CrossEntropyNewton
 from jaxens.solvers.solution import Status
+
+
+def kl_prior(log_probs, weights):
+    """theta = sum_i w_i log p_i / sum_i w_i (members with w_i = 0 ignored)."""
+    w = weights / jnp.sum(weights)
+    return over_members(jnp.add, jnp.where(w[:, None] > 0, w[:, None] * log_probs, 0.0))
 
 
 @pytest.fixture(autouse=True)
@@ -22,7 +31,7 @@ def x64():
 
 V, N, DIM = 40, 3, 3
 TIGHT = EntropicNewton(tol=1e-13)
-UNROLLED = EntropicNewton(tol=1e-13, adjoint="unrolled", unroll_steps=40)
+UNROLLED = EntropicNewton(tol=1e-13, adjoint=UnrolledAdjoint(steps=40))
 
 
 def _softmax(x):
@@ -51,10 +60,10 @@ def test_kl_grads_wrt_theta_m_weights():
     theta = kl_prior(logp, jnp.array([0.5, 0.3, 0.2]))
 
     def loss(theta, m):
-        sol, _ = TIGHT.solve(problem, theta, mask, m)
+        sol, _ = TIGHT.solve(problem, EntropicProgram(theta, mask, m))
         return a @ sol.p + jnp.sum(sol.p ** 2)
 
-    sol, _ = TIGHT.solve(problem, theta, mask, m)
+    sol, _ = TIGHT.solve(problem, EntropicProgram(theta, mask, m))
     assert int(sol.status) == Status.SOLVED
     _grad_check(loss, (theta, m))
 
@@ -73,9 +82,9 @@ def test_soft_grads_wrt_rho_and_A():
 
     def loss(rho, A):
         prob = dataclasses.replace(problem, A=A)
-        return a @ TIGHT.solve(prob, theta, mask, m, rho)[0].p
+        return a @ TIGHT.solve(prob, EntropicProgram(theta, mask, m, rho))[0].p
 
-    assert int(TIGHT.solve(problem, theta, mask, m, rho)[0].status) == Status.SOLVED
+    assert int(TIGHT.solve(problem, EntropicProgram(theta, mask, m, rho))[0].status) == Status.SOLVED
     _grad_check(loss, (rho, problem.A))
 
 
@@ -93,12 +102,12 @@ def test_implicit_matches_unrolled():
 
     def loss(solver):
         def f(theta, m, rho, prob):
-            sol, _ = solver.solve(prob, theta, mask, m, rho)
+            sol, _ = solver.solve(prob, EntropicProgram(theta, mask, m, rho))
             return a @ sol.p + jnp.sum(sol.p ** 2)
         return f
 
-    s_imp, _ = TIGHT.solve(problem, theta, mask, m, rho)
-    s_unr, _ = UNROLLED.solve(problem, theta, mask, m, rho)
+    s_imp, _ = TIGHT.solve(problem, EntropicProgram(theta, mask, m, rho))
+    s_unr, _ = UNROLLED.solve(problem, EntropicProgram(theta, mask, m, rho))
     assert int(s_imp.status) == Status.SOLVED and int(s_unr.status) == Status.SOLVED
     np.testing.assert_allclose(s_imp.p, s_unr.p, atol=1e-12)
     g_imp = jax.grad(loss(TIGHT), argnums=(0, 1, 2, 3))(theta, m, rho, problem)
@@ -120,9 +129,9 @@ def test_lp_final_stage_grads():
     c = -jnp.mean(logp, 0)
 
     def loss(c, m):
-        return a @ solver.solve_lp(problem, c, mask, m)[0].p
+        return a @ solver.solve(problem, LinearProgram(c, mask, m))[0].p
 
-    assert int(solver.solve_lp(problem, c, mask, m)[0].status) == Status.SOLVED
+    assert int(solver.solve(problem, LinearProgram(c, mask, m))[0].status) == Status.SOLVED
     _grad_check(loss, (c, m))
 
 
@@ -131,12 +140,12 @@ def test_reverse_ce_grads():
     mask = jnp.ones(V, bool)
     s = jnp.mean(jnp.exp(logp), 0)
     rho = jnp.array([1.0, 2.0, 5.0])
-    solver = ReverseCENewton(tol=1e-13)
+    solver = CrossEntropyNewton(tol=1e-13)
 
     def loss(s, m, rho):
-        return a @ solver.solve(problem, s, mask, m, rho)[0].p
+        return a @ solver.solve(problem, MixtureCrossEntropy(s, mask, m, rho))[0].p
 
-    assert int(solver.solve(problem, s, mask, m, rho)[0].status) == Status.SOLVED
+    assert int(solver.solve(problem, MixtureCrossEntropy(s, mask, m, rho))[0].status) == Status.SOLVED
     _grad_check(loss, (s, m, rho))
 
 
@@ -146,10 +155,10 @@ def test_grad_of_vmapped_batch():
     masks = jnp.ones((3, V), bool)
 
     def loss(thetas):
-        sol, _ = jax.vmap(TIGHT.solve, in_axes=(None, 0, 0, None))(problem, thetas, masks, m)
+        sol, _ = jax.vmap(lambda P, *a: TIGHT.solve(P, EntropicProgram(*a)), in_axes=(None, 0, 0, None))(problem, thetas, masks, m)
         return jnp.sum(sol.p @ a)
 
     g = jax.jit(jax.grad(loss))(thetas)
     for b in range(3):
-        gb = jax.grad(lambda t: a @ TIGHT.solve(problem, t, masks[b], m)[0].p)(thetas[b])
+        gb = jax.grad(lambda t: a @ TIGHT.solve(problem, EntropicProgram(t, masks[b], m))[0].p)(thetas[b])
         np.testing.assert_allclose(g[b], gb, rtol=1e-8, atol=1e-12)

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmar
 
 import robustness as rb  # noqa: E402
 
-from jaxens.solvers.newton import EntropicNewton  # noqa: E402
+from jaxens.solvers.entropic_newton import EntropicNewton  # noqa: E402
 from jaxens.solvers.solution import Status  # noqa: E402
 
 settings.register_profile(

@@ -5,7 +5,7 @@ least-squares phase of the hard constraints computed once per row.
 ``batch_rows`` rows (the last batch padded, so each combiner compiles once), with cold starts
 (rows are independent positions); ``seconds_per_row`` excludes the compile.
 :func:`feasibility_rows` returns, per row, the status and distribution of
-:func:`jaxens.solvers.feasibility.least_squares` on the hard moments of the uniform logit
+:func:`jaxens.solvers.least_squares.least_squares` on the hard moments of the uniform logit
 average; :func:`run_feasible_rows` runs a combiner only on the rows that phase did not prove
 infeasible.
 """
@@ -23,7 +23,7 @@ import numpy as np
 import jaxens.objectives as obj
 from jaxens.combiners.base import Combiner
 from jaxens.harness.reports import progress_bar
-from jaxens.solvers.feasibility import least_squares
+from jaxens.solvers.least_squares import least_squares
 
 
 class CombinerRun(NamedTuple):

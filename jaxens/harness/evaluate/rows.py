@@ -9,7 +9,7 @@ depend on :math:`\lambda`).  ME's per-step distribution is exactly the probabili
 so its row repeats that row's metrics at ME's cost (one member per step).
 
 Solvers (:func:`solver_for`): the objective's default solver
-(:func:`jaxens.harness.defaults.default_solver`) with ``hessian_topk`` for ``kl`` /
+(:func:`jaxens.solvers.default_solver`) with ``hessian_topk`` for ``kl`` /
 ``max_entropy`` and ``max_iters`` for the ADMM objectives when the configuration sets them.
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxens.combiners.averaging import logit_average, prob_average
 from jaxens.combiners.bottleneck import bottleneck
-from jaxens.harness.defaults import default_solver
+from jaxens.solvers.defaults import default_solver
 from jaxens.harness.evaluate.combine import feasibility_rows, jit_combiner, run_combiner, run_feasible_rows
 from jaxens.harness.evaluate.config import EvalConfig
 from jaxens.harness.evaluate.metrics import METRICS, row_scores, smooth_logp, smooth_target_logp, summarize
@@ -46,8 +46,8 @@ def solver_for(objective: str, cfg: EvalConfig):
 
 
 def least_squares_solver(cfg: EvalConfig):
-    """The least-squares phase's solver (``None``: its default) with the configuration's ``max_iters``."""
-    return None if cfg.max_iters is None else default_solver("least_squares", max_iters=cfg.max_iters)
+    """The least-squares phase's FISTA (``None``: its default) with the configuration's ``max_iters``."""
+    return None if cfg.max_iters is None else default_solver("least_squares", max_iters=cfg.max_iters).fista
 
 
 def unembeddings(members, v):

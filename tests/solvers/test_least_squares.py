@@ -8,7 +8,7 @@ import pytest
 from scipy.optimize import linprog
 
 from jaxens import make_problem
-from jaxens.solvers.feasibility import least_squares
+from jaxens.solvers.least_squares import least_squares
 from jaxens.solvers.solution import Status
 
 

@@ -1,4 +1,6 @@
-r"""Reverse cross-entropy projection (``cross_entropy`` objective) by Newton on its dual.
+r"""Cross-entropy projection (``cross_entropy`` objective) by primal-dual Newton on its dual.
+
+Instance: :class:`~jaxens.solvers.instances.MixtureCrossEntropy`.
 
 Per row, with the members' mixture :math:`s = \sum_i w_i \hat p_i` (:math:`\sum_i w_i = 1`),
 hard constraints :math:`Q^\top p = \beta` (``problem.beta(m)``, which includes
@@ -13,9 +15,9 @@ hard constraints :math:`Q^\top p = \beta` (``problem.beta(m)``, which includes
 i.e. :math:`\min_p \sum_i w_i H(\hat p_i, p)`.  Without constraints the answer is probability
 averaging :math:`p = s`.
 
-**Dual.**  Write the soft term by conjugacy, :math:`\tfrac\rho2\lVert w\rVert^2 = \max_u u^\top w
-- \lVert u\rVert^2/(2\rho)`, and take :math:`G = [Q,\ A_S]`, :math:`x = (y, u)`,
-:math:`b = (\beta, m_S)`, :math:`R^{-1} = \mathrm{blockdiag}(0, I/\rho_i)`.  The Lagrangian
+**Dual.**  With the dual blocks :math:`G = [Q,\ A_S]`, :math:`b = (\beta, m_S)`,
+:math:`R^{-1} = \mathrm{blockdiag}(0, I/\rho_i)` of :mod:`jaxens.solvers.dual` (the soft term by
+conjugacy) and :math:`x = (y, u)`:  The Lagrangian
 :math:`-\sum_j s_j\log p_j + p^\top G x - b^\top x - \tfrac12 x^\top R^{-1}x` is minimised by
 :math:`p_j = s_j / (Gx)_j` (which needs :math:`(Gx)_j > 0`), and the dual is
 
@@ -59,14 +61,15 @@ the round-off of :math:`Gx` in the working precision, and the method stalls (``M
 with the residuals reported).  Raise ``s_floor`` (e.g. ``1e-8`` in float32) in that regime.
 
 Gradients with respect to ``s``, ``m``, ``rho`` and the problem's arrays use the implicit
-function theorem on :math:`\nabla f(x^\star) = 0` (:mod:`jaxens.solvers.implicit`).
+function theorem on :math:`\nabla f(x^\star) = 0` (:mod:`jaxens.solvers.implicit`; the only
+adjoint).  The Newton loop is :func:`jaxens.solvers.base.iterate`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,11 +77,13 @@ from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxens.problem import BottleneckProblem
+from jaxens.solvers.base import AbstractIterativeSolver, iterate
+from jaxens.solvers.dual import NewtonInfo, chol_solve, dual_blocks, gram, num_dual, soft_cols_rho, uniform_fallback
 from jaxens.solvers.implicit import implicit_root
-from jaxens.solvers.newton import NewtonInfo, _chol_solve, _gram, _num_dual, _soft_cols_rho
+from jaxens.solvers.instances import MixtureCrossEntropy
 from jaxens.solvers.solution import Solution, Status
 
-__all__ = ["ReverseCENewton"]
+__all__ = ["CrossEntropyNewton"]
 
 
 class _Dual(NamedTuple):
@@ -98,9 +103,19 @@ class _State(NamedTuple):
     done: Bool[Array, ""]
 
 
+class _Row(NamedTuple):
+    """What the Newton iteration closes over: the dual's data and the tolerance."""
+
+    d: _Dual
+    tol: float
+
+
 @dataclasses.dataclass(frozen=True)
-class ReverseCENewton:
-    """Primal-dual Newton for the reverse-cross-entropy projection (math in the module docstring).
+class CrossEntropyNewton(AbstractIterativeSolver):
+    """Primal-dual Newton for the cross-entropy projection (math in the module docstring).
+
+    Accepts :class:`~jaxens.solvers.instances.MixtureCrossEntropy`; the warm start is the dual
+    ``x`` returned by the previous call (:meth:`cold_start`: ``(Q^T 1, 0)``).
 
     Attributes:
       tol: stop when ``||r_d||_inf <= tol`` and ``||r_c||_1 <= tol``; ``None``: 1e-5 (float32)
@@ -119,6 +134,8 @@ class ReverseCENewton:
     boundary_fraction: float = 0.99
     s_floor: float | None = None
 
+    accepts: ClassVar[tuple[type, ...]] = (MixtureCrossEntropy,)
+
     def __post_init__(self):
         if self.max_iters < 1:
             raise ValueError(f"max_iters must be >= 1, got {self.max_iters}")
@@ -136,21 +153,15 @@ class ReverseCENewton:
         """``x0 = (Q^T 1, 0)``, for which ``G x0 = 1``."""
         dtype = dtype or problem.Q.dtype
         y0 = jnp.sum(problem.Q, axis=0)
-        return jnp.concatenate([y0, jnp.zeros((_num_dual(problem) - problem.rank,), y0.dtype)]).astype(dtype)
+        return jnp.concatenate([y0, jnp.zeros((num_dual(problem) - problem.rank,), y0.dtype)]).astype(dtype)
 
     def _build(self, problem, s, mask, m, rho) -> _Dual:
         dtype = problem.Q.dtype
         floor = self.s_floor if self.s_floor is not None else 1e-30
         s = s.astype(dtype)
         s = jnp.where(mask, jnp.maximum(jnp.where(jnp.isfinite(s), s, 0.0), floor), 0.0)
-        if problem.soft:
-            G = jnp.concatenate([problem.Q, problem.A_of(problem.soft)], axis=1)
-            rho_c = _soft_cols_rho(problem, rho).astype(dtype)
-            rinv = jnp.concatenate([jnp.zeros((problem.rank,), dtype), 1.0 / rho_c])
-            b = jnp.concatenate([problem.beta(m), m[problem.columns(problem.soft)].astype(dtype)])
-        else:
-            G, rinv, b = problem.Q, jnp.zeros((problem.rank,), dtype), problem.beta(m)
-        return _Dual(G, s, mask, b.astype(dtype), rinv)
+        G, b, rinv = dual_blocks(problem, m, rho)
+        return _Dual(G, s, mask, b, rinv)
 
     @staticmethod
     def _p(d: _Dual, x):
@@ -168,103 +179,111 @@ class ReverseCENewton:
         r_d = p @ d.G - d.b - d.rinv * x
         return r_c, r_d, w
 
+    @staticmethod
+    def _measures(r_c, r_d):
+        return jnp.max(jnp.abs(r_d)), jnp.sum(jnp.abs(r_c))
+
     def _newton_loop(self, d: _Dual, x0, skip):
         tol = self._tol(d.G.dtype)
+        p0, _ = self._p(d, x0)
+        r_c, r_d, _ = self._residuals(d, p0, x0)
+        gnorm, cnorm = self._measures(r_c, r_d)
+        finite = jnp.isfinite(gnorm) & jnp.isfinite(cnorm)
+        conv = (gnorm <= tol) & (cnorm <= tol)
+        status = jnp.where(
+            skip,
+            Status.NONFINITE_INPUT,
+            jnp.where(~finite, Status.NUMERICAL_ERROR, jnp.where(conv, Status.SOLVED, Status.MAX_ITERS)),
+        ).astype(jnp.int32)
+        s0 = _State(x0, p0, gnorm, jnp.zeros((), jnp.int32), status, skip | ~finite | conv)
+        st, iterations, status = iterate(self, _Row(d, tol), s0, self.max_iters)
+        # the primal iterate rides along with the diagnostics (no gradient flows into it)
+        return st.x, (NewtonInfo(status, st.gnorm, iterations), st.p)
+
+    # ----- the iteration (driven by jaxens.solvers.base.iterate) -----
+    def iterations(self, st: _State):
+        return st.iteration
+
+    def terminate(self, row: _Row, st: _State):
+        return st.done
+
+    def status(self, row: _Row, st: _State):
+        """The status the step recorded (a rejected step ends the loop as ``MAX_ITERS``)."""
+        return st.status
+
+    def step(self, row: _Row, st: _State) -> _State:
+        d, tol = row
         dtype = d.G.dtype
         eps = jnp.finfo(dtype).eps
+        x, p = st.x, st.p
+        r_c, r_d, w = self._residuals(d, p, x)
+        w_safe = jnp.where(d.mask, w, 1.0)
+        # [G^T diag(p/w) G + R^-1] dx = G^T (r_c / w) + r_d ;  dp = (r_c - p * G dx) / w
+        H = gram(d.G, jnp.where(d.mask, p / w_safe, 0.0)) + jnp.diag(d.rinv)
+        k = H.shape[0]
+        hmax = jnp.maximum(jnp.max(jnp.diag(H)), jnp.finfo(dtype).tiny)
+        lam = 100 * eps * hmax
+        L = jnp.linalg.cholesky(H + lam * jnp.eye(k, dtype=dtype))
+        rhs = (r_c / w_safe) @ d.G + r_d
+        dx = chol_solve(L, rhs)
+        dw = d.G @ dx
+        dp = jnp.where(d.mask, (r_c - p * dw) / w_safe, 0.0)
+        ok_dir = jnp.all(jnp.isfinite(dx)) & jnp.all(jnp.isfinite(dp))
 
-        def measures(r_c, r_d):
-            return jnp.max(jnp.abs(r_d)), jnp.sum(jnp.abs(r_c))
+        # fraction to the boundary of p > 0 and w = G x > 0 on the mask
+        def t_to_boundary(val, dval):
+            neg = d.mask & (dval < 0)
+            return jnp.min(jnp.where(neg, -val / jnp.where(neg, dval, -1.0), jnp.inf))
 
-        def init():
-            p0, _ = self._p(d, x0)
-            r_c, r_d, _ = self._residuals(d, p0, x0)
-            gnorm, cnorm = measures(r_c, r_d)
-            finite = jnp.isfinite(gnorm) & jnp.isfinite(cnorm)
-            conv = (gnorm <= tol) & (cnorm <= tol)
-            status = jnp.where(
-                skip,
-                Status.NONFINITE_INPUT,
-                jnp.where(~finite, Status.NUMERICAL_ERROR, jnp.where(conv, Status.SOLVED, Status.MAX_ITERS)),
-            ).astype(jnp.int32)
-            return _State(x0, p0, gnorm, jnp.zeros((), jnp.int32), status, skip | ~finite | conv)
+        t_max = jnp.minimum(t_to_boundary(p, dp), t_to_boundary(w, dw))
+        t0 = jnp.minimum(1.0, self.boundary_fraction * t_max).astype(dtype)
+        merit0 = jnp.sum(r_c * r_c) + jnp.sum(r_d * r_d)
 
-        def body(st: _State):
-            x, p = st.x, st.p
-            r_c, r_d, w = self._residuals(d, p, x)
-            w_safe = jnp.where(d.mask, w, 1.0)
-            # [G^T diag(p/w) G + R^-1] dx = G^T (r_c / w) + r_d ;  dp = (r_c - p * G dx) / w
-            H = _gram(d.G, jnp.where(d.mask, p / w_safe, 0.0)) + jnp.diag(d.rinv)
-            k = H.shape[0]
-            hmax = jnp.maximum(jnp.max(jnp.diag(H)), jnp.finfo(dtype).tiny)
-            lam = 100 * eps * hmax
-            L = jnp.linalg.cholesky(H + lam * jnp.eye(k, dtype=dtype))
-            rhs = (r_c / w_safe) @ d.G + r_d
-            dx = _chol_solve(L, rhs)
-            dw = d.G @ dx
-            dp = jnp.where(d.mask, (r_c - p * dw) / w_safe, 0.0)
-            ok_dir = jnp.all(jnp.isfinite(dx)) & jnp.all(jnp.isfinite(dp))
+        def merit(t):
+            rc, rd, _ = self._residuals(d, p + t * dp, x + t * dx)
+            return jnp.sum(rc * rc) + jnp.sum(rd * rd)
 
-            # fraction to the boundary of p > 0 and w = G x > 0 on the mask
-            def t_to_boundary(val, dval):
-                neg = d.mask & (dval < 0)
-                return jnp.min(jnp.where(neg, -val / jnp.where(neg, dval, -1.0), jnp.inf))
+        def ls_cond(c):
+            t, j, ok = c
+            return ~ok & (j < self.ls_max_steps)
 
-            t_max = jnp.minimum(t_to_boundary(p, dp), t_to_boundary(w, dw))
-            t0 = jnp.minimum(1.0, self.boundary_fraction * t_max).astype(dtype)
-            merit0 = jnp.sum(r_c * r_c) + jnp.sum(r_d * r_d)
+        def ls_body(c):
+            t, j, _ = c
+            t = t * self.ls_shrink
+            return t, j + 1, merit(t) <= (1 - 2 * self.armijo * t) * merit0
 
-            def merit(t):
-                rc, rd, _ = self._residuals(d, p + t * dp, x + t * dx)
-                return jnp.sum(rc * rc) + jnp.sum(rd * rd)
-
-            def ls_cond(c):
-                t, j, ok = c
-                return ~ok & (j < self.ls_max_steps)
-
-            def ls_body(c):
-                t, j, _ = c
-                t = t * self.ls_shrink
-                return t, j + 1, merit(t) <= (1 - 2 * self.armijo * t) * merit0
-
-            t, _, ok = lax.while_loop(
-                ls_cond, ls_body, (t0, jnp.zeros((), jnp.int32), merit(t0) <= (1 - 2 * self.armijo * t0) * merit0)
-            )
-            x_new = x + t * dx
-            p_new = p + t * dp
-            r_c, r_d, w_new = self._residuals(d, p_new, x_new)
-            gnorm, cnorm = measures(r_c, r_d)
-            finite = jnp.isfinite(gnorm) & jnp.isfinite(cnorm)
-            interior = jnp.all(jnp.where(d.mask, (w_new > 0) & (p_new > 0), True))
-            accept = ok & ok_dir & finite & interior
-            new = _State(x_new, p_new, gnorm, st.iteration + 1, st.status, st.done)
-            new = jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, st)
-            converged = accept & (gnorm <= tol) & (cnorm <= tol)
-            status = jnp.where(
-                converged, Status.SOLVED, jnp.where(~finite, Status.NUMERICAL_ERROR, Status.MAX_ITERS)
-            ).astype(jnp.int32)
-            return new._replace(iteration=st.iteration + 1, status=status, done=converged | ~accept)
-
-        st = lax.while_loop(lambda st: ~st.done & (st.iteration < self.max_iters), body, init())
-        # the primal iterate rides along with the diagnostics (no gradient flows into it)
-        return st.x, (NewtonInfo(st.status, st.gnorm, st.iteration), st.p)
+        t, _, ok = lax.while_loop(
+            ls_cond, ls_body, (t0, jnp.zeros((), jnp.int32), merit(t0) <= (1 - 2 * self.armijo * t0) * merit0)
+        )
+        x_new = x + t * dx
+        p_new = p + t * dp
+        r_c, r_d, w_new = self._residuals(d, p_new, x_new)
+        gnorm, cnorm = self._measures(r_c, r_d)
+        finite = jnp.isfinite(gnorm) & jnp.isfinite(cnorm)
+        interior = jnp.all(jnp.where(d.mask, (w_new > 0) & (p_new > 0), True))
+        accept = ok & ok_dir & finite & interior
+        new = _State(x_new, p_new, gnorm, st.iteration + 1, st.status, st.done)
+        new = jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, st)
+        converged = accept & (gnorm <= tol) & (cnorm <= tol)
+        status = jnp.where(
+            converged, Status.SOLVED, jnp.where(~finite, Status.NUMERICAL_ERROR, Status.MAX_ITERS)
+        ).astype(jnp.int32)
+        return new._replace(iteration=st.iteration + 1, status=status, done=converged | ~accept)
 
     def solve(
-        self,
-        problem: BottleneckProblem,
-        s: Float[Array, " v"],
-        mask: Bool[Array, " v"],
-        m: Float[Array, " D"],
-        rho: Float[Array, " n"] | None = None,
-        y0: Float[Array, " k"] | None = None,
+        self, problem: BottleneckProblem, instance: MixtureCrossEntropy, warm: Float[Array, " k"] | None = None
     ) -> tuple[Solution, Float[Array, " k"]]:
-        """Minimise ``-s . log p`` (+ soft) over the bottleneck set (one row).
+        """Minimise ``-s . log p`` (+ soft) over the bottleneck set (one row; ``s`` is
+        ``instance.weights``).
 
-        Returns ``(solution, x)``; pass ``x`` as ``y0`` of the next call to warm-start (a
-        ``y0`` outside the domain ``G y0 > 0`` falls back to the cold start).
+        Returns ``(solution, x)``; pass ``x`` as the next ``warm`` (a ``warm`` outside the
+        domain ``G x > 0`` falls back to the cold start).
         """
+        self.check_instance(instance)
+        s, mask, m, rho = instance
+        y0 = warm
         v, D = problem.A.shape
-        k = _num_dual(problem)
+        k = num_dual(problem)
         dtype = problem.Q.dtype
         if s.shape != (v,):
             raise ValueError(f"s must have shape (v,) = ({v},) per row (vmap over the batch), got {s.shape}")
@@ -279,19 +298,19 @@ class ReverseCENewton:
         if y0 is None:
             y0 = cold
         if y0.shape != (k,):
-            raise ValueError(f"y0 must have shape (k,) = ({k},), got {y0.shape}; use cold_start(problem)")
+            raise ValueError(f"warm must have shape (k,) = ({k},), got {y0.shape}; use cold_start(problem)")
         y0 = jnp.asarray(y0, dtype)
         return self._solve(problem, s, mask, m, rho, y0)
 
     @functools.partial(jax.jit, static_argnums=0)
     def _solve(self, problem, s, mask, m, rho, y0):
         D = problem.A.shape[1]
-        k = _num_dual(problem)
+        k = num_dual(problem)
         dtype = problem.Q.dtype
         cold = self.cold_start(problem, dtype)
         bad = jnp.any(mask & ~jnp.isfinite(s)) | ~jnp.all(jnp.isfinite(m)) | ~jnp.any(mask)
         if problem.soft:
-            bad = bad | ~jnp.all(jnp.isfinite(_soft_cols_rho(problem, rho)))
+            bad = bad | ~jnp.all(jnp.isfinite(soft_cols_rho(problem, rho)))
         s_c = jnp.where(bad, jnp.ones_like(s), s)
         m_c = jnp.where(bad, 0.0, m)
         gx0 = problem.Q @ y0[: problem.rank]
@@ -311,7 +330,7 @@ class ReverseCENewton:
             d = self._build(params[0], params[1], aux[0], params[2], params[3])
             p, _ = self._p(d, x)
             w = jnp.where(d.mask, p * p / d.s, 0.0)
-            H = _gram(d.G, w) + jnp.diag(d.rinv)
+            H = gram(d.G, w) + jnp.diag(d.rinv)
             hmax = jnp.maximum(jnp.max(jnp.diag(H)), jnp.finfo(dtype).tiny)
             H = H + 10 * jnp.finfo(dtype).eps * hmax * jnp.eye(k, dtype=dtype)
             lam = jnp.linalg.solve(H, xbar[:, None])[:, 0]
@@ -328,9 +347,7 @@ class ReverseCENewton:
         p = jnp.maximum(p, 0.0)
         total = jnp.sum(p)
         p = p / jnp.where(total > 0, total, 1.0)
-        uniform = jnp.where(mask, 1.0, 0.0).astype(dtype)
-        uniform = jnp.where(jnp.any(mask), uniform, 1.0)
-        uniform = uniform / jnp.sum(uniform)
+        uniform = uniform_fallback(mask, dtype)
         valid = jnp.all(jnp.isfinite(p)) & (total > 0)
         status = jnp.where(~valid & ~bad, Status.NUMERICAL_ERROR, info.status).astype(jnp.int32)
         p = jnp.where(valid & ~bad, p, uniform)

@@ -1,5 +1,8 @@
 r"""Entropic bottleneck projection by damped Newton on the dual (and the LP by continuation).
 
+Instances: :class:`~jaxens.solvers.instances.EntropicProgram` (``kl``, ``max_entropy``) and
+:class:`~jaxens.solvers.instances.LinearProgram` (``sum_ce`` by entropic continuation).
+
 Per row, with prior logits :math:`\theta` (``-inf`` or ``mask == False`` for tokens that must
 get zero mass), hard constraints in the orthonormal basis :math:`Q^\top p = \beta`
 (``problem.beta(m)``; this includes :math:`\mathbf 1^\top p = 1` since
@@ -12,7 +15,7 @@ get zero mass), hard constraints in the orthonormal basis :math:`Q^\top p = \bet
      + \sum_{i \in S} \tfrac{\rho_i}{2} \lVert A_i^\top p - m_i \rVert^2
    \quad \text{s.t.} \quad Q^\top p = \beta .
 
-``kl`` uses :math:`\theta = \sum_i w_i \log\hat p_i / \sum_i w_i` (:func:`kl_prior`), so the
+``kl`` uses :math:`\theta = \sum_i w_i \log\hat p_i / \sum_i w_i` (:func:`jaxens.objectives.kl_prior`), so the
 objective equals :math:`\sum_i w_i \mathrm{KL}(p\Vert\hat p_i)/\sum_i w_i` up to a constant;
 ``max_entropy`` uses :math:`\theta = 0`.
 
@@ -50,7 +53,7 @@ estimate singular and the method crawls).  Each
 iteration costs two ``v x k`` mat-vecs (``G\Delta`` for the line search, which also updates the
 logits :math:`\theta + Gz`, and :math:`G^\top p` for the gradient).
 
-**LP by continuation** (:meth:`EntropicNewton.solve_lp`).  For the LP
+**LP by continuation** (a :class:`~jaxens.solvers.instances.LinearProgram`).  For the LP
 :math:`\min_p c^\top p + \sum_S \tfrac{\rho_i}2\lVert A_i^\top p - m_i\rVert^2` over the same
 set, the entropic problem :math:`\min c^\top p - \varepsilon H(p) + \dots` is the problem above
 with :math:`\theta = -c/\varepsilon`, :math:`\rho \to \rho/\varepsilon`, solved for a geometric
@@ -66,17 +69,20 @@ programming", Math. Prog. 1994), and the entropic solution is within
 - \sum_S\lVert u_i\rVert^2/(2\rho_i)]` with :math:`y = \varepsilon z_h`, :math:`u = -\varepsilon z_s`
 (valid as a bound when the hard residual is zero).
 
-**Gradients.**  ``adjoint="implicit"`` (default) differentiates :math:`p^\star` through the
+**Gradients.**  :class:`~jaxens.solvers.adjoint.ImplicitAdjoint` (default) differentiates :math:`p^\star` through the
 dual optimality condition :math:`\nabla\varphi(z^\star) = 0` by the implicit function theorem
 (:mod:`jaxens.solvers.implicit`): with respect to :math:`\theta` (hence member logits and
 weights), :math:`m`, :math:`\rho`, :math:`c` and the array leaves of the problem (``A``,
-``Q``, ``T_pinv``).  ``adjoint="unrolled"`` instead runs ``unroll_steps`` damped Newton steps
+``Q``, ``T_pinv``).  :class:`~jaxens.solvers.adjoint.UnrolledAdjoint` instead runs ``steps``
+(default ``max_iters``) damped Newton steps
 in a ``lax.fori_loop`` (backtracking over a fixed set of step sizes) and lets reverse mode go
 through them.  For the LP only the final :math:`\varepsilon_{\min}` stage is differentiated
 (the derivative of the entropic solution, which is what exists: the LP optimum is piecewise
 constant in :math:`c`).
 
-Solvers are written per row; ``jax.vmap`` them over a batch.
+The Newton loop is :func:`jaxens.solvers.base.iterate`; the dual set-up and the Hessian are
+shared with the cross-entropy solver (:mod:`jaxens.solvers.dual`).  Solvers are written per row;
+``jax.vmap`` them over a batch.
 """
 
 from __future__ import annotations
@@ -84,7 +90,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Literal, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -92,156 +98,24 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxens.objectives import over_members
 from jaxens.problem import BottleneckProblem
+from jaxens.solvers.adjoint import AbstractAdjoint, ImplicitAdjoint, UnrolledAdjoint, check_adjoint
+from jaxens.solvers.base import AbstractIterativeSolver, iterate
+from jaxens.solvers.dual import NewtonInfo, chol_solve, entropic_hessian, num_dual, uniform_fallback
+from jaxens.solvers.entropic_dual import (
+    EntropicDual,
+    build_dual,
+    dual_grad,
+    dual_logp,
+    log_mgf,
+    lp_gap,
+    nonfinite_input,
+)
 from jaxens.solvers.implicit import implicit_root
+from jaxens.solvers.instances import EntropicProgram, LinearProgram
 from jaxens.solvers.solution import Solution, Status
 
-__all__ = ["EntropicNewton", "NewtonInfo", "kl_prior"]
-
-
-def kl_prior(
-    log_probs: Float[Array, "n v"], weights: Float[Array, " n"]
-) -> Float[Array, " v"]:
-    r""":math:`\theta = \sum_i w_i\log\hat p_i / \sum_i w_i` (``-inf`` where a member with
-    :math:`w_i > 0` gives zero probability; members with :math:`w_i = 0` are ignored)."""
-    w = weights / jnp.sum(weights)
-    terms = jnp.where(w[:, None] > 0, w[:, None] * log_probs, 0.0)
-    return over_members(jnp.add, terms)
-
-
-# ----------------------------------------------------------------------------------------
-# per-row data of the dual and its oracles
-# ----------------------------------------------------------------------------------------
-class _Dual(NamedTuple):
-    G: Float[Array, "v k"]
-    theta: Float[Array, " v"]  # finite; 0 off mask
-    mask: Bool[Array, " v"]  # effective mask (also excludes theta == -inf)
-    b: Float[Array, " k"]
-    rinv: Float[Array, " k"]  # 0 on hard coordinates, 1/rho on soft ones
-
-
-class NewtonInfo(NamedTuple):
-    """Diagnostics of one Newton solve (no gradient flows through them)."""
-
-    status: Int[Array, ""]
-    gnorm: Float[Array, ""]
-    iterations: Int[Array, ""]
-
-
-def _soft_cols_rho(problem: BottleneckProblem, rho: Float[Array, " n"]) -> Float[Array, " Ds"]:
-    parts = [jnp.full((problem.member_cols[i],), rho[i]) for i in problem.soft]
-    return jnp.concatenate(parts) if parts else jnp.zeros((0,), rho.dtype)
-
-
-def _build(problem, theta, mask, m, rho) -> _Dual:
-    dtype = problem.Q.dtype
-    theta = theta.astype(dtype)
-    ok = mask & (theta > -jnp.inf) & jnp.isfinite(theta)
-    theta = jnp.where(ok, theta, 0.0)
-    if problem.soft:
-        A_S = problem.A_of(problem.soft)
-        G = jnp.concatenate([problem.Q, A_S], axis=1)
-        m_S = m[problem.columns(problem.soft)]
-        rho_c = _soft_cols_rho(problem, rho).astype(dtype)
-        rinv = jnp.concatenate([jnp.zeros((problem.rank,), dtype), 1.0 / rho_c])
-        b = jnp.concatenate([problem.beta(m), m_S.astype(dtype)])
-    else:
-        G = problem.Q
-        rinv = jnp.zeros((problem.rank,), dtype)
-        b = problem.beta(m)
-    return _Dual(G, theta, ok, b.astype(dtype), rinv)
-
-
-def _logp(d: _Dual, z) -> Float[Array, " v"]:
-    logits = jnp.where(d.mask, d.theta + d.G @ z, -jnp.inf)
-    return jax.nn.log_softmax(logits)
-
-
-def _gram(G, w) -> Float[Array, "k k"]:
-    """``G^T diag(w) G`` (``dot_general`` contracting the token axis: the fast CPU layout)."""
-    return lax.dot_general(G * w[:, None], G, (((0,), (0,)), ((), ())))
-
-
-def _chol_solve(L, b) -> Float[Array, " k"]:
-    """Solve ``L L^T x = b`` (a matrix right-hand side: vector triangular solves are slow on CPU)."""
-    y = jax.scipy.linalg.solve_triangular(L, b[:, None], lower=True)
-    return jax.scipy.linalg.solve_triangular(L.T, y, lower=False)[:, 0]
-
-
-def _grad(d: _Dual, z, p) -> Float[Array, " k"]:
-    return p @ d.G - d.b + d.rinv * z
-
-
-def _phi(d: _Dual, z) -> Float[Array, ""]:
-    logits = jnp.where(d.mask, d.theta + d.G @ z, -jnp.inf)
-    return jax.nn.logsumexp(logits) - d.b @ z + 0.5 * jnp.sum(d.rinv * z * z)
-
-
-def _top_tokens(p, topk: int | None, v: int):
-    """Indices of the ``topk`` tokens of largest mass (``None`` when the Hessian uses all)."""
-    if topk is None or topk >= v:
-        return None
-    return lax.top_k(p, topk)[1]
-
-
-def _hessian(d: _Dual, p, topk: int | None, idx=None, pG=None) -> Float[Array, "k k"]:
-    r"""``G^T(diag p - p p^T)G + R^{-1}``, from the tokens ``idx`` only when given (or the
-    ``topk`` of largest mass): on a subset ``K`` with mass ``s`` it is
-    :math:`s(\mathrm{Cov}_q(g) + (1-s)\mu\mu^\top) \succeq 0` (``q = p_K/s``), a PSD
-    under-estimate, so the Newton step stays a descent direction.
-
-    With ``pG`` :math:`= G^\top p` over all tokens (the gradient's own product, free) the tail
-    :math:`T` outside ``K`` enters through its mean :math:`\mu_T = G^\top p - G_K^\top p_K`:
-
-    .. math::  H_K = G_K^\top \mathrm{diag}(p_K) G_K + \mu_T\mu_T^\top / s_T - (G^\top p)(G^\top p)^\top,
-
-    the covariance of ``p`` with the tail collapsed to one point: PSD, below the exact Hessian
-    by :math:`\sum_T p_j g_j g_j^\top - \mu_T\mu_T^\top/s_T \succeq 0` (Cauchy-Schwarz), exact
-    when the tail is one token, for the price of an outer product.  (It is not above the plain
-    form in the Loewner order; measured on real decode rows at v = 49,152 it needs fewer
-    iterations at K = 2048 and 4096: ``benchmarks/bottleneck_solve_profile.py``.)"""
-    G, pk = d.G, p
-    if idx is None:
-        idx = _top_tokens(p, topk, G.shape[0])
-    if idx is not None:
-        G, pk = G[idx], p[idx]
-    Gp = pk @ G
-    H = _gram(G, pk) + jnp.diag(d.rinv)
-    if idx is None or pG is None:  # all tokens, or the plain top-k form
-        return H - jnp.outer(Gp, Gp)
-    tiny = jnp.finfo(p.dtype).tiny
-    s_tail = jnp.maximum(jnp.sum(p) - jnp.sum(pk), 0.0)
-    mu = pG - Gp
-    tail = jnp.where(s_tail > 1e3 * tiny, 1.0 / jnp.maximum(s_tail, tiny), 0.0)
-    return H + tail * jnp.outer(mu, mu) - jnp.outer(pG, pG)
-
-
-def _expm1mx(x):
-    """``expm1(x) - x`` without cancellation (series for small ``|x|``)."""
-    small = jnp.abs(x) < 0.1
-    xs = jnp.where(small, x, 0.0)
-    series = xs * xs * (
-        0.5 + xs * (1 / 6 + xs * (1 / 24 + xs * (1 / 120 + xs * (1 / 720 + xs * (1 / 5040 + xs / 40320)))))
-    )
-    xl = jnp.where(small, 0.0, x)
-    return jnp.where(small, series, jnp.expm1(xl) - xl)
-
-
-def _psi(d: _Dual, logp, p, e, t):
-    r""":math:`\log\sum_j p_j e^{t e_j}` for :math:`e` with :math:`p^\top e = 0` (``>= 0``)."""
-    te = jnp.where(d.mask, t * e, 0.0)
-    big = jnp.max(jnp.where(d.mask, te, -jnp.inf))
-    small_val = jnp.log1p(jnp.sum(jnp.where(d.mask, p * _expm1mx(jnp.minimum(te, 1.0)), 0.0)))
-    large_val = jax.nn.logsumexp(jnp.where(d.mask, logp + te, -jnp.inf))
-    return jnp.where(big <= 1.0, small_val, large_val)
-
-
-def _nonfinite_input(theta, mask, m, rho, problem) -> Bool[Array, ""]:
-    bad_theta = jnp.any(mask & (jnp.isnan(theta) | (theta == jnp.inf)))
-    bad_m = ~jnp.all(jnp.isfinite(m))
-    bad_rho = ~jnp.all(jnp.isfinite(_soft_cols_rho(problem, rho))) if problem.soft else False
-    return bad_theta | bad_m | bad_rho | ~jnp.any(mask & (theta > -jnp.inf))
+__all__ = ["EntropicNewton"]
 
 
 class _State(NamedTuple):
@@ -254,29 +128,40 @@ class _State(NamedTuple):
     done: Bool[Array, ""]
 
 
+class _Row(NamedTuple):
+    """What the Newton iteration closes over: the dual's data and the effective tolerance."""
+
+    d: EntropicDual
+    tol: Float[Array, ""]
+
+
 # ----------------------------------------------------------------------------------------
 # the solver
 # ----------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class EntropicNewton:
+class EntropicNewton(AbstractIterativeSolver):
     """Damped Newton on the entropic dual (see the module docstring for the math).
+
+    Accepts :class:`~jaxens.solvers.instances.EntropicProgram` and
+    :class:`~jaxens.solvers.instances.LinearProgram`; the warm start is the dual ``z`` (for the
+    LP the LP dual estimate ``eps z``) returned by the previous call (:meth:`cold_start`: 0).
 
     Attributes:
       tol: stop when ``||grad phi||_inf <= tol``; ``None``: 1e-5 (float32) / 1e-10 (float64).
         The tolerance is raised to the round-off floor ``4 eps |theta|_inf |G|_max`` when that
-        is larger (large logits, small ``eps`` in :meth:`solve_lp`).
-      max_iters: Newton steps per solve (per continuation stage in :meth:`solve_lp`).
+        is larger (large logits, small ``eps`` of the LP continuation).
+      max_iters: Newton steps per solve (per continuation stage for the LP).
       ls_max_steps: backtracking halvings before a step is declared failed.
       ls_shrink: step-size factor per backtracking step.
       armijo: sufficient-decrease constant ``c1``.
       levenberg: ``lambda_0`` of the Levenberg term ``lambda_0 ||grad||_inf``.
       hessian_topk: form the Hessian from the ``K`` tokens of largest mass (``None``: all).
-      eps_start: first entropy weight of :meth:`solve_lp`, relative to ``max c - min c``.
+      eps_start: first entropy weight of the LP continuation, relative to ``max c - min c``.
       eps_min: last entropy weight (relative); ``None``: 1e-3 (float32) / 1e-6 (float64).
       eps_decay: geometric factor between continuation stages.
-      adjoint: ``"implicit"`` (implicit function theorem) or ``"unrolled"`` (reverse mode
-        through ``unroll_steps`` Newton steps; the forward pass then runs exactly that many).
-      unroll_steps: number of unrolled steps (``None``: ``max_iters``).
+      adjoint: :class:`~jaxens.solvers.adjoint.ImplicitAdjoint` (implicit function theorem) or
+        :class:`~jaxens.solvers.adjoint.UnrolledAdjoint` (reverse mode through ``steps`` Newton
+        steps, default ``max_iters``; the forward pass then runs exactly that many).
     """
 
     tol: float | None = None
@@ -289,8 +174,9 @@ class EntropicNewton:
     eps_start: float = 1.0
     eps_min: float | None = None
     eps_decay: float = 0.1
-    adjoint: Literal["implicit", "unrolled"] = "implicit"
-    unroll_steps: int | None = None
+    adjoint: AbstractAdjoint = ImplicitAdjoint()
+
+    accepts: ClassVar[tuple[type, ...]] = (EntropicProgram, LinearProgram)
 
     def __post_init__(self):
         if self.max_iters < 1:
@@ -301,8 +187,7 @@ class EntropicNewton:
             raise ValueError(f"Expected 0 < eps_decay < 1, got {self.eps_decay}")
         if self.hessian_topk is not None and self.hessian_topk < 1:
             raise ValueError(f"hessian_topk must be a positive int or None, got {self.hessian_topk}")
-        if self.adjoint not in ("implicit", "unrolled"):
-            raise ValueError(f"adjoint must be 'implicit' or 'unrolled', got {self.adjoint!r}")
+        check_adjoint(self.adjoint)
         if self.tol is not None and self.tol <= 0:
             raise ValueError(f"tol must be positive, got {self.tol}")
 
@@ -323,101 +208,107 @@ class EntropicNewton:
 
     def cold_start(self, problem: BottleneckProblem, dtype=None) -> Float[Array, " k"]:
         """The cold-start dual ``z = 0`` (``k = r + D_S``), for warm-start carries."""
-        return jnp.zeros((_num_dual(problem),), dtype or problem.Q.dtype)
+        return jnp.zeros((num_dual(problem),), dtype or problem.Q.dtype)
 
     # ----- Newton iteration (shared by both loops) -----
-    def _direction(self, d: _Dual, p, g, gnorm, idx=None, pG=None):
-        H = _hessian(d, p, self.hessian_topk, idx, pG)
+    def _direction(self, d: EntropicDual, p, g, gnorm, idx=None, pG=None):
+        H = entropic_hessian(d.G, d.rinv, p, self.hessian_topk, idx, pG)
         k = H.shape[0]
         eps = jnp.finfo(H.dtype).eps
         hmax = jnp.maximum(jnp.max(jnp.diag(H)), jnp.finfo(H.dtype).tiny)
         lam = self.levenberg * gnorm + 100 * eps * hmax
         L = jnp.linalg.cholesky(H + lam * jnp.eye(k, dtype=H.dtype))
-        delta = _chol_solve(L, -g)
+        delta = chol_solve(L, -g)
         fallback = -g / (hmax + lam)
         return jnp.where(jnp.all(jnp.isfinite(delta)), delta, fallback)
 
-    def _decrease(self, d: _Dual, logp, p, g, delta, with_gd: bool = False):
+    def _decrease(self, d: EntropicDual, logp, p, g, delta, with_gd: bool = False):
         """``t -> phi(z + t delta) - phi(z)`` evaluated relative to ``z``, and the slope (and
         ``G delta`` on the mask with ``with_gd``: the logits move by ``t G delta``)."""
         gd = jnp.where(d.mask, d.G @ delta, 0.0)
         e = jnp.where(d.mask, gd - p @ gd, 0.0)
         slope = g @ delta
         quad = delta @ (d.rinv * delta)
-        fn = lambda t: _psi(d, logp, p, e, t) + t * slope + 0.5 * t * t * quad  # noqa: E731
+        fn = lambda t: log_mgf(d, logp, p, e, t) + t * slope + 0.5 * t * t * quad  # noqa: E731
         return (fn, slope, gd) if with_gd else (fn, slope)
 
-    def _effective_tol(self, d: _Dual):
+    def _effective_tol(self, d: EntropicDual):
         """``max(tol, 4 eps |theta|_inf |G|_max)``: the round-off floor of ``grad phi``."""
         eps = jnp.finfo(d.G.dtype).eps
         floor = 4 * eps * jnp.max(jnp.abs(d.theta)) * jnp.max(jnp.abs(d.G))
         return jnp.maximum(self._tol(d.G.dtype), lax.stop_gradient(floor))
 
-    def _newton_loop(self, d: _Dual, z0, skip) -> tuple[Float[Array, " k"], NewtonInfo]:
+    def _newton_loop(self, d: EntropicDual, z0, skip) -> tuple[Float[Array, " k"], NewtonInfo]:
         tol = self._effective_tol(d)
+        logp = dual_logp(d, z0)
+        g = dual_grad(d, z0, jnp.exp(logp))
+        gnorm = jnp.max(jnp.abs(g))
+        finite = jnp.isfinite(gnorm)
+        status = jnp.where(
+            skip,
+            Status.NONFINITE_INPUT,
+            jnp.where(~finite, Status.NUMERICAL_ERROR, jnp.where(gnorm <= tol, Status.SOLVED, Status.MAX_ITERS)),
+        ).astype(jnp.int32)
+        s0 = _State(z0, logp, g, gnorm, jnp.zeros((), jnp.int32), status, skip | ~finite | (gnorm <= tol))
+        s, iterations, status = iterate(self, _Row(d, tol), s0, self.max_iters)
+        return s.z, NewtonInfo(status, s.gnorm, iterations)
 
-        def init():
-            logp = _logp(d, z0)
-            g = _grad(d, z0, jnp.exp(logp))
-            gnorm = jnp.max(jnp.abs(g))
-            finite = jnp.isfinite(gnorm)
-            status = jnp.where(
-                skip,
-                Status.NONFINITE_INPUT,
-                jnp.where(~finite, Status.NUMERICAL_ERROR, jnp.where(gnorm <= tol, Status.SOLVED, Status.MAX_ITERS)),
-            ).astype(jnp.int32)
-            return _State(z0, logp, g, gnorm, jnp.zeros((), jnp.int32), status, skip | ~finite | (gnorm <= tol))
+    # ----- the iteration (driven by jaxens.solvers.base.iterate) -----
+    def iterations(self, s: _State):
+        return s.iteration
 
-        def cond(s: _State):
-            return ~s.done & (s.iteration < self.max_iters)
+    def terminate(self, row: _Row, s: _State):
+        return s.done
 
-        def body(s: _State):
-            p = jnp.exp(s.logp)
-            # G^T p, the gradient's product (the top-k Hessian's tail term)
-            delta = self._direction(d, p, s.g, s.gnorm, pG=s.g + d.b - d.rinv * s.z)
-            dphi, slope, gd = self._decrease(d, s.logp, p, s.g, delta, with_gd=True)
+    def status(self, row: _Row, s: _State):
+        """The status the step recorded (a failed line search ends the loop as ``MAX_ITERS``)."""
+        return s.status
 
-            def ls_cond(c):
-                t, j, ok = c
-                return ~ok & (j < self.ls_max_steps)
+    def step(self, row: _Row, s: _State) -> _State:
+        d, tol = row
+        p = jnp.exp(s.logp)
+        # G^T p, the gradient's product (the top-k Hessian's tail term)
+        delta = self._direction(d, p, s.g, s.gnorm, pG=s.g + d.b - d.rinv * s.z)
+        dphi, slope, gd = self._decrease(d, s.logp, p, s.g, delta, with_gd=True)
 
-            def ls_body(c):
-                t, j, _ = c
-                t = t * self.ls_shrink
-                return t, j + 1, dphi(t) <= self.armijo * t * slope
+        def ls_cond(c):
+            t, j, ok = c
+            return ~ok & (j < self.ls_max_steps)
 
-            t0 = jnp.ones((), z0.dtype)
-            t, _, ok = lax.while_loop(ls_cond, ls_body, (t0, jnp.zeros((), jnp.int32), dphi(t0) <= self.armijo * slope))
-            ok = ok & (slope < 0)
-            z = s.z + t * delta
-            # theta + G z moves by t G delta: one v x k mat-vec per iteration saved
-            logp = jax.nn.log_softmax(jnp.where(d.mask, s.logp + t * gd, -jnp.inf))
-            g = _grad(d, z, jnp.exp(logp))
-            gnorm = jnp.max(jnp.abs(g))
-            finite = jnp.isfinite(gnorm) & jnp.all(jnp.isfinite(z))
-            accept = ok & finite
-            new = _State(z, logp, g, gnorm, s.iteration + 1, s.status, s.done)
-            new = jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, s)
-            new = new._replace(iteration=s.iteration + 1)
-            converged = accept & (gnorm <= tol)
-            status = jnp.where(
-                converged, Status.SOLVED, jnp.where(~finite, Status.NUMERICAL_ERROR, Status.MAX_ITERS)
-            ).astype(jnp.int32)
-            # a failed line search (round-off floor) also ends the loop, as MAX_ITERS
-            return new._replace(status=status, done=converged | ~accept)
+        def ls_body(c):
+            t, j, _ = c
+            t = t * self.ls_shrink
+            return t, j + 1, dphi(t) <= self.armijo * t * slope
 
-        s = lax.while_loop(cond, body, init())
-        return s.z, NewtonInfo(s.status, s.gnorm, s.iteration)
+        t0 = jnp.ones((), s.z.dtype)
+        t, _, ok = lax.while_loop(ls_cond, ls_body, (t0, jnp.zeros((), jnp.int32), dphi(t0) <= self.armijo * slope))
+        ok = ok & (slope < 0)
+        z = s.z + t * delta
+        # theta + G z moves by t G delta: one v x k mat-vec per iteration saved
+        logp = jax.nn.log_softmax(jnp.where(d.mask, s.logp + t * gd, -jnp.inf))
+        g = dual_grad(d, z, jnp.exp(logp))
+        gnorm = jnp.max(jnp.abs(g))
+        finite = jnp.isfinite(gnorm) & jnp.all(jnp.isfinite(z))
+        accept = ok & finite
+        new = _State(z, logp, g, gnorm, s.iteration + 1, s.status, s.done)
+        new = jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, s)
+        new = new._replace(iteration=s.iteration + 1)
+        converged = accept & (gnorm <= tol)
+        status = jnp.where(
+            converged, Status.SOLVED, jnp.where(~finite, Status.NUMERICAL_ERROR, Status.MAX_ITERS)
+        ).astype(jnp.int32)
+        # a failed line search (round-off floor) also ends the loop, as MAX_ITERS
+        return new._replace(status=status, done=converged | ~accept)
 
-    def _unrolled_loop(self, d: _Dual, z0, skip) -> tuple[Float[Array, " k"], NewtonInfo]:
+    def _unrolled_loop(self, d: EntropicDual, z0, skip) -> tuple[Float[Array, " k"], NewtonInfo]:
         tol = self._effective_tol(d)
-        n_steps = self.unroll_steps if self.unroll_steps is not None else self.max_iters
+        n_steps = self.adjoint.num_steps(self.max_iters)
         ts = jnp.asarray(self.ls_shrink ** np.arange(self.ls_max_steps + 1), z0.dtype)
 
         def body(_, z):
-            logp = _logp(d, z)
+            logp = dual_logp(d, z)
             p = jnp.exp(logp)
-            g = _grad(d, z, p)
+            g = dual_grad(d, z, p)
             gnorm = jnp.max(jnp.abs(g))
             delta = self._direction(d, p, g, gnorm)
             dphi, slope = self._decrease(d, logp, p, g, delta)
@@ -427,7 +318,7 @@ class EntropicNewton:
             return jnp.where(skip | ~jnp.all(jnp.isfinite(z_new)), z, z_new)
 
         z = lax.fori_loop(0, n_steps, body, z0)
-        g = _grad(d, z, jnp.exp(_logp(d, z)))
+        g = dual_grad(d, z, jnp.exp(dual_logp(d, z)))
         gnorm = lax.stop_gradient(jnp.max(jnp.abs(g)))
         status = jnp.where(
             skip,
@@ -438,21 +329,21 @@ class EntropicNewton:
 
     def _root(self, problem, theta, mask, m, rho, z0, skip):
         """``z*`` of the dual, differentiable in (problem, theta, m, rho) per ``adjoint``."""
-        if self.adjoint == "unrolled":
-            return self._unrolled_loop(_build(problem, theta, mask, m, rho), z0, skip)
+        if isinstance(self.adjoint, UnrolledAdjoint):
+            return self._unrolled_loop(build_dual(problem, theta, mask, m, rho), z0, skip)
 
         def forward(params, aux):
-            d = _build(*params[:2], aux[0], *params[2:])
+            d = build_dual(*params[:2], aux[0], *params[2:])
             return self._newton_loop(d, aux[1], aux[2])
 
         def residual(z, params, aux):
-            d = _build(*params[:2], aux[0], *params[2:])
-            return _grad(d, z, jnp.exp(_logp(d, z)))
+            d = build_dual(*params[:2], aux[0], *params[2:])
+            return dual_grad(d, z, jnp.exp(dual_logp(d, z)))
 
         def adjoint_solve(z, params, aux, zbar):
-            d = _build(*params[:2], aux[0], *params[2:])
-            p = jnp.exp(_logp(d, z))
-            H = _hessian(d, p, None)
+            d = build_dual(*params[:2], aux[0], *params[2:])
+            p = jnp.exp(dual_logp(d, z))
+            H = entropic_hessian(d.G, d.rinv, p, None)
             # H is singular along u = (Q^T 1, 0) (a shift of the logits); zbar is orthogonal to
             # it when it comes from p, and H + s u u^T / |u|^2 maps u-perp to itself.
             u = jnp.concatenate([jnp.ones_like(p) @ d.G[:, : problem.rank], jnp.zeros_like(d.rinv[problem.rank :])])
@@ -469,7 +360,7 @@ class EntropicNewton:
     # ----- validation -----
     def _check(self, problem, x, mask, m, rho, z0, name):
         v, D = problem.A.shape
-        k = _num_dual(problem)
+        k = num_dual(problem)
         if x.shape != (v,):
             raise ValueError(f"{name} must have shape (v,) = ({v},) per row (vmap over the batch), got {x.shape}")
         if mask.shape != (v,) or mask.dtype != jnp.bool_:
@@ -485,7 +376,7 @@ class EntropicNewton:
             z0 = jnp.zeros((k,), problem.Q.dtype)
         if z0.shape != (k,):
             raise ValueError(
-                f"z0 must have shape (k,) = ({k},) (rank {problem.rank} + soft columns), got {z0.shape}; "
+                f"warm must have shape (k,) = ({k},) (rank {problem.rank} + soft columns), got {z0.shape}; "
                 "use cold_start(problem) or the z returned by the previous call"
             )
         return rho, jnp.asarray(z0, problem.Q.dtype)
@@ -494,9 +385,7 @@ class EntropicNewton:
         D = problem.A.shape[1]
         status = info.status
         valid = jnp.all(jnp.isfinite(p))
-        uniform = jnp.where(mask, 1.0, 0.0).astype(p.dtype)
-        uniform = jnp.where(jnp.any(mask), uniform, 1.0)
-        uniform = uniform / jnp.sum(uniform)
+        uniform = uniform_fallback(mask, p.dtype)
         use_uniform = ~valid | (status == Status.NONFINITE_INPUT)
         p = jnp.where(use_uniform, uniform, p)
         status = jnp.where(~valid & (status != Status.NONFINITE_INPUT), Status.NUMERICAL_ERROR, status)
@@ -510,64 +399,54 @@ class EntropicNewton:
             certificate_margin=jnp.zeros((), p.dtype),
         )
 
-    # ----- public entries -----
+    # ----- the one entry -----
     def solve(
         self,
         problem: BottleneckProblem,
-        theta: Float[Array, " v"],
-        mask: Bool[Array, " v"],
-        m: Float[Array, " D"],
-        rho: Float[Array, " n"] | None = None,
-        z0: Float[Array, " k"] | None = None,
+        instance: EntropicProgram | LinearProgram,
+        warm: Float[Array, " k"] | None = None,
     ) -> tuple[Solution, Float[Array, " k"]]:
-        """Entropic projection of ``softmax_mask(theta)`` onto the bottleneck set (one row).
+        """Solve one row; returns ``(solution, z)`` (pass ``z`` as the next ``warm``).
 
-        Returns ``(solution, z)``; pass ``z`` as ``z0`` of the next call to warm-start.
-        ``solution.gap`` is ``||grad phi||_inf`` at the returned point.
+        :class:`~jaxens.solvers.instances.EntropicProgram`: the entropic projection of
+        ``softmax_mask(theta)`` onto the bottleneck set; ``solution.gap`` is
+        ``||grad phi||_inf`` at the returned point.
+
+        :class:`~jaxens.solvers.instances.LinearProgram`: ``min c.p (+ soft)`` by entropic
+        continuation; returns the entropic solution at :math:`\\varepsilon_{\\min}` (relative
+        to the range of ``c`` on the mask), which approximates the maximum-entropy point of the
+        LP's optimal face (Cominetti & San Martín 1994) with objective within
+        :math:`\\varepsilon_{\\min}\\log|\\mathrm{supp}\\,p|` of the optimum.  ``z`` is the LP
+        dual estimate :math:`(y, -u) = \\varepsilon z`, in the units of ``c``; ``solution.gap`` is
+        the LP duality gap (module docstring).  Tokens with ``c = +inf`` are treated as masked.
         """
-        rho, z0 = self._check(problem, theta, mask, m, rho, z0, "theta")
+        self.check_instance(instance)
+        if isinstance(instance, LinearProgram):
+            c, mask, m, rho = instance
+            rho, z0 = self._check(problem, c, mask, m, rho, warm, "c")
+            return self._solve_lp(problem, c, mask, m, rho, z0)
+        theta, mask, m, rho = instance
+        rho, z0 = self._check(problem, theta, mask, m, rho, warm, "theta")
         return self._solve(problem, theta, mask, m, rho, z0)
 
     @functools.partial(jax.jit, static_argnums=0)
     def _solve(self, problem, theta, mask, m, rho, z0):
-        skip = _nonfinite_input(theta, mask, m, rho, problem)
+        skip = nonfinite_input(theta, mask, m, rho, problem)
         theta_c = jnp.where(skip, jnp.zeros_like(theta), theta)
         m_c = jnp.where(skip, 0.0, m)
         z, info = self._root(problem, theta_c, mask, m_c, rho, jnp.where(skip, 0.0, z0), skip)
-        d = _build(problem, theta_c, mask, m_c, rho)
-        p = jnp.exp(_logp(d, z))
+        d = build_dual(problem, theta_c, mask, m_c, rho)
+        p = jnp.exp(dual_logp(d, z))
         sol = self._solution(problem, mask, p, m, info, info.gnorm)
         z_out = jnp.where(skip | ~jnp.all(jnp.isfinite(z)), z0 * 0, lax.stop_gradient(z))
         return sol, z_out
-
-    def solve_lp(
-        self,
-        problem: BottleneckProblem,
-        c: Float[Array, " v"],
-        mask: Bool[Array, " v"],
-        m: Float[Array, " D"],
-        rho: Float[Array, " n"] | None = None,
-        z0: Float[Array, " k"] | None = None,
-    ) -> tuple[Solution, Float[Array, " k"]]:
-        r"""``min c.p (+ soft)`` over the bottleneck set by entropic continuation (one row).
-
-        Returns the entropic solution at :math:`\varepsilon_{\min}` (relative to the range of
-        ``c`` on the mask), which approximates the maximum-entropy point of the LP's optimal
-        face (Cominetti & San Martín 1994) with objective within
-        :math:`\varepsilon_{\min}\log|\mathrm{supp}\,p|` of the optimum.  ``z`` returned (and
-        accepted as ``z0``) is the LP dual estimate :math:`(y, -u) = \varepsilon z`, in the
-        units of ``c``; ``solution.gap`` is the LP duality gap (see the module docstring).
-        Tokens with ``c = +inf`` are treated as masked.
-        """
-        rho, z0 = self._check(problem, c, mask, m, rho, z0, "c")
-        return self._solve_lp(problem, c, mask, m, rho, z0)
 
     @functools.partial(jax.jit, static_argnums=0)
     def _solve_lp(self, problem, c, mask, m, rho, z0):
         dtype = problem.Q.dtype
         c = c.astype(dtype)
         mask_c = mask & (c < jnp.inf)
-        skip = _nonfinite_input(-c, mask_c, m, rho, problem) | jnp.any(mask & jnp.isnan(c))
+        skip = nonfinite_input(-c, mask_c, m, rho, problem) | jnp.any(mask & jnp.isnan(c))
         c_safe = jnp.where(mask_c & ~skip, c, 0.0)
         m_c = jnp.where(skip, 0.0, m)
         cs = lax.stop_gradient(c_safe)
@@ -579,7 +458,7 @@ class EntropicNewton:
 
         def stage(carry, eps):
             y, iters = carry
-            d = _build(problem, -cs / eps, mask_c, lax.stop_gradient(m_c), lax.stop_gradient(rho) / eps)
+            d = build_dual(problem, -cs / eps, mask_c, lax.stop_gradient(m_c), lax.stop_gradient(rho) / eps)
             z, info = self._newton_loop(d, lax.stop_gradient(y) / eps, skip)
             return (z * eps, iters + info.iterations), None
 
@@ -591,33 +470,10 @@ class EntropicNewton:
         eps = jnp.asarray(eps_rel[-1], dtype) * scale_d
         z, info = self._root(problem, -c_safe / eps, mask_c, m_c, rho / eps, y / eps, skip)
         info = info._replace(iterations=info.iterations + iters)
-        d = _build(problem, -c_safe / eps, mask_c, m_c, rho / eps)
-        p = jnp.exp(_logp(d, z))
+        d = build_dual(problem, -c_safe / eps, mask_c, m_c, rho / eps)
+        p = jnp.exp(dual_logp(d, z))
         y_out = lax.stop_gradient(z) * eps
-        gap = _lp_gap(problem, d, cs, lax.stop_gradient(p), lax.stop_gradient(m_c), lax.stop_gradient(rho), y_out)
+        gap = lp_gap(problem, d, cs, lax.stop_gradient(p), lax.stop_gradient(m_c), lax.stop_gradient(rho), y_out)
         sol = self._solution(problem, mask, p, m, info, gap)
         y_out = jnp.where(skip | ~jnp.all(jnp.isfinite(y_out)), 0.0, y_out)
         return sol, y_out
-
-
-def _num_dual(problem: BottleneckProblem) -> int:
-    return problem.rank + int(sum(problem.member_cols[i] for i in problem.soft))
-
-
-def _lp_gap(problem, d: _Dual, c, p, m, rho, y_all):
-    """LP (or soft QP) duality gap at ``p`` with dual ``y = y_all[:r]``, ``u = -y_all[r:]``."""
-    r = problem.rank
-    y, u = y_all[:r], -y_all[r:]
-    reduced = c - problem.Q @ y
-    primal = jnp.sum(jnp.where(d.mask, p * c, 0.0))
-    dual = problem.beta(m) @ y
-    if problem.soft:
-        A_S = problem.A_of(problem.soft)
-        m_S = m[problem.columns(problem.soft)]
-        rho_c = _soft_cols_rho(problem, rho)
-        w = p @ A_S - m_S
-        primal = primal + 0.5 * jnp.sum(rho_c * w * w)
-        reduced = reduced + A_S @ u
-        dual = dual - m_S @ u - 0.5 * jnp.sum(u * u / rho_c)
-    dual = dual + jnp.min(jnp.where(d.mask, reduced, jnp.inf))
-    return primal - dual

@@ -5,7 +5,8 @@ For one row, the least-squares relaxation is
 .. math::  p_{LS} = \arg\min_{p \in \mathcal C} \lVert A_H^\top p - m_H\rVert^2,
            \qquad \mathcal C = \{p \in \Delta_v : p_j = 0 \text{ off mask}\ (,\ p \le u)\},
 
-solved by :class:`~jaxens.solvers.fista.FISTA` with hard weight ``h = 2``.  With the residual
+solved by :class:`~jaxens.solvers.fista.FISTA` with hard weight ``h = 2``
+(:class:`LeastSquares` is the same as a solver of :class:`~jaxens.solvers.instances.LeastSquaresProgram`).  With the residual
 :math:`r = m_H - A_H^\top p_{LS}` the certificate is :math:`d = r/\lVert r\rVert` and
 
 .. math::  \mathrm{margin}(d) = d^\top m_H - \sigma_{\mathcal C}(A_H d),\qquad
@@ -51,15 +52,22 @@ verdict and the certificate's margin are piecewise constant / not meant for diff
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from jaxens.problem import BottleneckProblem
-from jaxens.solvers.fista import FISTA, FISTAState, max_linear
+from jaxens.solvers.base import AbstractSolver
+from jaxens.solvers.fista import FISTA, FISTAState
+from jaxens.solvers.instances import LeastSquaresProgram, PenalisedProgram
+from jaxens.solvers.projections import max_linear
 from jaxens.solvers.solution import Solution, Status
+
+__all__ = ["LeastSquares", "least_squares", "default_ls_solver", "default_feas_rtol"]
 
 def default_ls_solver(dtype) -> FISTA:
     """FISTA for the least-squares phase: relative FW-gap tolerance ``1e-7`` (float64) or
@@ -123,6 +131,37 @@ def least_squares(
     return _least_squares(problem, m, mask, solver, ub, feas_rtol, decide, p0)
 
 
+@dataclasses.dataclass(frozen=True)
+class LeastSquares(AbstractSolver):
+    """The least-squares phase as a solver: accepts
+    :class:`~jaxens.solvers.instances.LeastSquaresProgram` and returns :func:`least_squares`'s
+    solution (verdict and certificate); the warm start is a distribution ``p0``.
+
+    Attributes:
+      fista: the FISTA instance solving the least-squares problem (``None``:
+        :func:`default_ls_solver` of the problem's dtype).
+      feas_rtol: relative feasibility tolerance (``None``: :func:`default_feas_rtol`).
+      decide: stop as soon as the feasibility verdict is known.
+    """
+
+    fista: FISTA | None = None
+    feas_rtol: float | None = None
+    decide: bool = False
+
+    accepts: ClassVar[tuple[type, ...]] = (LeastSquaresProgram,)
+
+    def solve(
+        self, problem: BottleneckProblem, instance: LeastSquaresProgram, warm: Float[Array, " v"] | None = None
+    ) -> tuple[Solution, Float[Array, " v"] | None]:
+        """``(least_squares(...), warm)``: the warm start is passed through unchanged."""
+        self.check_instance(instance)
+        sol = least_squares(
+            problem, instance.m, instance.mask, self.fista, ub=instance.ub, feas_rtol=self.feas_rtol,
+            decide=self.decide, p0=warm,
+        )
+        return sol, warm
+
+
 @functools.partial(jax.jit, static_argnames=("solver", "feas_rtol", "decide"))
 def _least_squares(problem, m, mask, solver, ub, feas_rtol, decide, p0):
     dtype = problem.A.dtype
@@ -140,18 +179,11 @@ def _least_squares(problem, m, mask, solver, ub, feas_rtol, decide, p0):
     m_h = m[hard_cols]
     feas_tol = feas_rtol * jnp.maximum(1.0, jnp.linalg.norm(jnp.where(jnp.isfinite(m_h), m_h, 0.0)))
     zeros_v = jnp.zeros((v,), dtype)
+    penalised = PenalisedProgram(
+        zeros_v, jnp.zeros((v, 0), dtype), mask, m, jnp.zeros((problem.num_members,), dtype), 2.0, ub
+    )
     sol, state = solver.run(
-        problem,
-        zeros_v,
-        jnp.zeros((v, 0), dtype),
-        mask,
-        m,
-        jnp.zeros((problem.num_members,), dtype),
-        hard_weight=2.0,
-        p0=p0,
-        ub=ub,
-        stop_fn=_decided if decide else _feasible_to_tol,
-        stop_arg=(feas_tol, hard_cols),
+        problem, penalised, p0, stop_fn=_decided if decide else _feasible_to_tol, stop_arg=(feas_tol, hard_cols)
     )
     p = sol.p
     r = m_h - problem.hard_products(p)  # m_H - A_H^T p

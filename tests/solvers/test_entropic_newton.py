@@ -8,9 +8,17 @@ import numpy as np
 import pytest
 from scipy.optimize import linprog, minimize
 
+from jaxens.objectives import over_members
 from jaxens.problem import make_problem
-from jaxens.solvers.newton import EntropicNewton, kl_prior
+from jaxens.solvers.entropic_newton import EntropicNewton
+from jaxens.solvers.instances import EntropicProgram, LinearProgram
 from jaxens.solvers.solution import Status
+
+
+def kl_prior(log_probs, weights):
+    """theta = sum_i w_i log p_i / sum_i w_i (members with w_i = 0 ignored)."""
+    w = weights / jnp.sum(weights)
+    return over_members(jnp.add, jnp.where(w[:, None] > 0, w[:, None] * log_probs, 0.0))
 
 
 @pytest.fixture(autouse=True)
@@ -121,7 +129,7 @@ def test_entropic_matches_cvxpy(kind, objective):
     w = np.array([0.5, 0.3, 0.2])
     theta = np.asarray(kl_prior(jnp.log(jnp.asarray(phat)), jnp.asarray(w))) if objective == "kl" else np.zeros(v)
     mask = np.ones(v, bool)
-    sol, z = EntropicNewton().solve(problem, jnp.asarray(theta), jnp.asarray(mask), jnp.asarray(m))
+    sol, z = EntropicNewton().solve(problem, EntropicProgram(jnp.asarray(theta), jnp.asarray(mask), jnp.asarray(m)))
     p = np.asarray(sol.p)
     assert int(sol.status) == Status.SOLVED
     hard = list(range(3))
@@ -142,11 +150,11 @@ def test_hessian_topk_and_warm_start():
     Ws, phat, m, problem = instance("fits", v=80, seed=2)
     theta = jnp.asarray(np.log(phat).mean(0))
     mask = jnp.ones(80, bool)
-    full, z = EntropicNewton().solve(problem, theta, mask, jnp.asarray(m))
-    top, _ = EntropicNewton(hessian_topk=30, max_iters=300).solve(problem, theta, mask, jnp.asarray(m))
+    full, z = EntropicNewton().solve(problem, EntropicProgram(theta, mask, jnp.asarray(m)))
+    top, _ = EntropicNewton(hessian_topk=30, max_iters=300).solve(problem, EntropicProgram(theta, mask, jnp.asarray(m)))
     assert int(top.status) == Status.SOLVED
     np.testing.assert_allclose(top.p, full.p, atol=1e-9)
-    warm, _ = EntropicNewton().solve(problem, theta, mask, jnp.asarray(m), z0=z)
+    warm, _ = EntropicNewton().solve(problem, EntropicProgram(theta, mask, jnp.asarray(m)), z)
     assert int(warm.iterations) <= 1 and int(warm.status) == Status.SOLVED
     np.testing.assert_allclose(warm.p, full.p, atol=1e-12)
 
@@ -154,7 +162,11 @@ def test_hessian_topk_and_warm_start():
 def test_topk_hessian_with_tail_is_a_psd_underestimate():
     """The top-k Hessian with the tail's mean (``pG``) is PSD and below the exact one in the
     Loewner order (Cauchy-Schwarz; see ``_hessian``), and exact when the tail is one token."""
-    from jaxens.solvers.newton import _build, _hessian
+    from jaxens.solvers.dual import entropic_hessian
+    from jaxens.solvers.entropic_dual import build_dual as _build
+
+    def _hessian(d, p, topk, pG=None):
+        return entropic_hessian(d.G, d.rinv, p, topk, pG=pG)
 
     Ws, phat, m, problem = instance("fits", v=200, n=2, d=6, seed=4)
     mask = jnp.ones(200, bool)
@@ -178,7 +190,7 @@ def test_soft_constraints_match_cvxpy(hard, soft):
     rho = np.array([2.0, 5.0, 30.0])
     theta = np.log(phat).mean(0)
     mask = np.ones(v, bool)
-    sol, _ = EntropicNewton().solve(problem, jnp.asarray(theta), jnp.asarray(mask), jnp.asarray(m), jnp.asarray(rho))
+    sol, _ = EntropicNewton().solve(problem, EntropicProgram(jnp.asarray(theta), jnp.asarray(mask), jnp.asarray(m), jnp.asarray(rho)))
     assert int(sol.status) == Status.SOLVED
     p = np.asarray(sol.p)
     assert hard_res(p, Ws, m, list(hard)) <= 1e-8
@@ -200,7 +212,7 @@ def test_masked_tokens():
     pstar[:10] = 0
     pstar /= pstar.sum()
     m = np.asarray(problem.moments(jnp.asarray(np.stack([pstar] * 3))))
-    sol, _ = EntropicNewton().solve(problem, jnp.asarray(theta), jnp.asarray(mask), jnp.asarray(m))
+    sol, _ = EntropicNewton().solve(problem, EntropicProgram(jnp.asarray(theta), jnp.asarray(mask), jnp.asarray(m)))
     p = np.asarray(sol.p)
     assert int(sol.status) == Status.SOLVED
     assert np.all(p[:10] == 0.0) and np.all(np.isfinite(p))
@@ -210,7 +222,7 @@ def test_masked_tokens():
     p_ref = cvx_entropic(np.where(eff, theta, 0.0), eff, Ws, m, [0, 1, 2], [], None)
     assert_close_objective(obj, kl_objective(p_ref, theta, eff, Ws, m, [], None))
     # gradients through -inf logits stay finite (zero at the masked tokens)
-    g = jax.grad(lambda t: jnp.sum(EntropicNewton().solve(problem, t, jnp.asarray(mask), jnp.asarray(m))[0].p ** 2))(
+    g = jax.grad(lambda t: jnp.sum(EntropicNewton().solve(problem, EntropicProgram(t, jnp.asarray(mask), jnp.asarray(m)))[0].p ** 2))(
         jnp.asarray(theta))
     assert np.all(np.isfinite(g)) and np.all(np.asarray(g)[:10] == 0)
 
@@ -221,8 +233,8 @@ def test_nonfinite_input_gives_uniform_fallback():
     theta[7] = np.nan
     mask = np.ones(60, bool)
     mask[:3] = False
-    for fn in (EntropicNewton().solve, EntropicNewton().solve_lp):
-        sol, z = fn(problem, jnp.asarray(theta), jnp.asarray(mask), jnp.asarray(m))
+    for inst in (EntropicProgram, LinearProgram):
+        sol, z = EntropicNewton().solve(problem, inst(jnp.asarray(theta), jnp.asarray(mask), jnp.asarray(m)))
         assert int(sol.status) == Status.NONFINITE_INPUT
         p = np.asarray(sol.p)
         assert np.all(np.isfinite(p)) and np.all(np.isfinite(z))
@@ -234,7 +246,7 @@ def test_rank_deficient_duplicated_members():
     assert problem.rank == 3 * 4 + 1 - 4
     theta = np.log(phat).mean(0)
     mask = np.ones(60, bool)
-    sol, _ = EntropicNewton().solve(problem, jnp.asarray(theta), jnp.asarray(mask), jnp.asarray(m))
+    sol, _ = EntropicNewton().solve(problem, EntropicProgram(jnp.asarray(theta), jnp.asarray(mask), jnp.asarray(m)))
     assert int(sol.status) == Status.SOLVED
     p = np.asarray(sol.p)
     assert float(sol.primal_residual) <= 1e-8
@@ -248,7 +260,7 @@ def test_infeasible_terminates_with_valid_distribution():
     A = np.concatenate(Ws, axis=1)
     lp = linprog(np.zeros(18), A_eq=np.vstack([A.T, np.ones(18)]), b_eq=np.concatenate([m, [1.0]]), method="highs")
     assert lp.status == 2  # HiGHS agrees it is infeasible
-    sol, z = EntropicNewton(max_iters=50).solve(problem, jnp.zeros(18), jnp.ones(18, bool), jnp.asarray(m))
+    sol, z = EntropicNewton(max_iters=50).solve(problem, EntropicProgram(jnp.zeros(18), jnp.ones(18, bool), jnp.asarray(m)))
     assert int(sol.status) in (Status.MAX_ITERS, Status.NUMERICAL_ERROR)
     p = np.asarray(sol.p)
     assert np.all(np.isfinite(p)) and p.min() >= 0 and abs(p.sum() - 1) < 1e-9
@@ -268,7 +280,7 @@ def test_lp_matches_highs(kind):
     ref = linprog(c, A_eq=np.vstack([A.T, np.ones(60)]), b_eq=np.concatenate([m, [1.0]]), bounds=bounds,
                   method="highs")
     assert ref.status == 0
-    sol, y = EntropicNewton().solve_lp(problem, jnp.asarray(c), jnp.asarray(mask), jnp.asarray(m))
+    sol, y = EntropicNewton().solve(problem, LinearProgram(jnp.asarray(c), jnp.asarray(mask), jnp.asarray(m)))
     p = np.asarray(sol.p)
     assert int(sol.status) == Status.SOLVED
     assert float(sol.primal_residual) <= 1e-5 and hard_res(p, Ws, m, [0, 1, 2]) <= 1e-5
@@ -284,7 +296,7 @@ def test_lp_soft_matches_cvxpy():
     Ws, phat, m, problem = instance("random", seed=9, hard=(0,), soft=(1, 2))
     c = -np.log(phat).mean(0)
     rho = np.array([1.0, 3.0, 10.0])
-    sol, _ = EntropicNewton().solve_lp(problem, jnp.asarray(c), jnp.ones(60, bool), jnp.asarray(m), jnp.asarray(rho))
+    sol, _ = EntropicNewton().solve(problem, LinearProgram(jnp.asarray(c), jnp.ones(60, bool), jnp.asarray(m), jnp.asarray(rho)))
     p = np.asarray(sol.p)
     assert int(sol.status) == Status.SOLVED and hard_res(p, Ws, m, [0]) <= 1e-5
     x = cp.Variable(60)
@@ -306,17 +318,17 @@ def test_vmap_matches_rows_and_compiles_once():
     masks = jnp.ones((B, 60), bool).at[1, :4].set(False)
     ms = jnp.asarray(np.stack([m] * B))
     solver = EntropicNewton()
-    f = jax.jit(jax.vmap(solver.solve, in_axes=(None, 0, 0, 0)))
+    f = jax.jit(jax.vmap(lambda P, *a: solver.solve(P, EntropicProgram(*a)), in_axes=(None, 0, 0, 0)))
     sol, z = f(problem, thetas, masks, ms)
     for b in range(B):
-        row, _ = solver.solve(problem, thetas[b], masks[b], ms[b])
+        row, _ = solver.solve(problem, EntropicProgram(thetas[b], masks[b], ms[b]))
         if b == 1:
             continue  # masked row: moments of p* include the masked tokens -> checked separately
         np.testing.assert_allclose(sol.p[b], row.p, atol=1e-12)
         assert int(sol.status[b]) == int(row.status)
     sol2, _ = f(problem, thetas + 0.1, masks, ms)
     assert f._cache_size() == 1
-    g = jax.jit(jax.vmap(solver.solve_lp, in_axes=(None, 0, 0, 0)))
+    g = jax.jit(jax.vmap(lambda P, *a: solver.solve(P, LinearProgram(*a)), in_axes=(None, 0, 0, 0)))
     g(problem, -thetas, masks, ms)
     g(problem, -thetas * 1.1, masks, ms)
     assert g._cache_size() == 1
@@ -327,16 +339,15 @@ def test_float32_agrees_with_float64():
     problem32 = make_problem(Ws, dtype=jnp.float32)
     theta = np.log(phat).mean(0)
     mask = jnp.ones(60, bool)
-    s64, _ = EntropicNewton().solve(problem64, jnp.asarray(theta), mask, jnp.asarray(m))
-    s32, _ = EntropicNewton().solve(problem32, jnp.asarray(theta, jnp.float32), mask, jnp.asarray(m, jnp.float32))
+    s64, _ = EntropicNewton().solve(problem64, EntropicProgram(jnp.asarray(theta), mask, jnp.asarray(m)))
+    s32, _ = EntropicNewton().solve(problem32, EntropicProgram(jnp.asarray(theta, jnp.float32), mask, jnp.asarray(m, jnp.float32)))
     assert s32.p.dtype == jnp.float32
     assert int(s32.status) == Status.SOLVED
     np.testing.assert_allclose(np.asarray(s32.p, np.float64), s64.p, atol=1e-5, rtol=1e-4)
     assert float(s32.primal_residual) <= 1e-4
     c = -theta
-    l64, _ = EntropicNewton(eps_min=1e-3).solve_lp(problem64, jnp.asarray(c), mask, jnp.asarray(m))
-    l32, _ = EntropicNewton(eps_min=1e-3).solve_lp(problem32, jnp.asarray(c, jnp.float32), mask,
-                                                  jnp.asarray(m, jnp.float32))
+    l64, _ = EntropicNewton(eps_min=1e-3).solve(problem64, LinearProgram(jnp.asarray(c), mask, jnp.asarray(m)))
+    l32, _ = EntropicNewton(eps_min=1e-3).solve(problem32, LinearProgram(jnp.asarray(c, jnp.float32), mask, jnp.asarray(m, jnp.float32)))
     assert int(l32.status) == Status.SOLVED
     # theta = -c/eps reaches |c|/(1e-3 range c): float32 resolves grad phi to ~1e-4 there
     np.testing.assert_allclose(np.asarray(l32.p, np.float64), l64.p, atol=1e-3)
@@ -346,8 +357,8 @@ def test_float32_agrees_with_float64():
 def test_bad_shapes_raise():
     Ws, phat, m, problem = instance("common", seed=12)
     with pytest.raises(ValueError, match="theta must have shape"):
-        EntropicNewton().solve(problem, jnp.zeros((2, 60)), jnp.ones(60, bool), jnp.asarray(m))
-    with pytest.raises(ValueError, match="z0 must have shape"):
-        EntropicNewton().solve(problem, jnp.zeros(60), jnp.ones(60, bool), jnp.asarray(m), z0=jnp.zeros(3))
+        EntropicNewton().solve(problem, EntropicProgram(jnp.zeros((2, 60)), jnp.ones(60, bool), jnp.asarray(m)))
+    with pytest.raises(ValueError, match="warm must have shape"):
+        EntropicNewton().solve(problem, EntropicProgram(jnp.zeros(60), jnp.ones(60, bool), jnp.asarray(m)), jnp.zeros(3))
     with pytest.raises(ValueError, match="eps_decay"):
         EntropicNewton(eps_decay=2.0)

@@ -46,7 +46,7 @@ weakly active).  Special cases:
   to ``m`` (hence the member logits) and ``A``.  On a face of optima (:math:`\Pi\ne 0`) the LP
   solution is not differentiable; the formula then returns the derivative of the solver's point
   along the face's affine hull with the face directions left out (:math:`\mu = 0`).  For a
-  smooth LP gradient use ``EntropicNewton().solve_lp`` (the entropic path).
+  smooth LP gradient use ``EntropicNewton`` on the ``LinearProgram`` (the entropic path).
 * **QP with a face of optima** (``sum_sq_ce`` when :math:`|S| - r > \mathrm{rank}\,F`): the
   pseudo-inverse picks the minimum-norm :math:`\mu`; the result is the derivative of the
   solver's selection only up to that choice (the unrolled adjoint may differ).
@@ -198,8 +198,8 @@ def free_indices(free: Float[Array, " v"], cap: int) -> tuple[Array, Float[Array
 def _lu_factor(M: Float[Array, "n n"]) -> tuple[Float[Array, "n n"], Array]:
     """Gaussian elimination with partial pivoting: ``(LU, perm)`` with ``M[perm] = L U``.
 
-    Written as an XLA loop, not a LAPACK custom call: jaxlib's batched LAPACK kernels share one
-    thread pool and deadlock when 8 virtual CPU devices call them at once (seen with ``ssyevd``).
+    Written as an XLA loop, not a LAPACK custom call (batched LAPACK kernels share one thread
+    pool across virtual CPU devices).
     """
     n = M.shape[0]
     ar = jnp.arange(n)

@@ -1,4 +1,4 @@
-"""ReverseCENewton (cross_entropy objective) against cvxpy (Clarabel, exponential cone)."""
+"""CrossEntropyNewton (cross_entropy objective) against cvxpy (Clarabel, exponential cone)."""
 
 import cvxpy as cp
 import jax
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from jaxens.problem import make_problem
-from jaxens.solvers.reverse_ce import ReverseCENewton
+from jaxens.solvers.cross_entropy_newton import CrossEntropyNewton
+from jaxens.solvers.instances import MixtureCrossEntropy
 from jaxens.solvers.solution import Status
 
 
@@ -73,7 +74,7 @@ def test_hard_matches_cvxpy(masked):
         pstar[:6] = 0
         pstar /= pstar.sum()
         m = np.asarray(problem.moments(jnp.asarray(np.stack([pstar] * 3))))
-    sol, x = ReverseCENewton().solve(problem, jnp.asarray(s), jnp.asarray(mask), jnp.asarray(m))
+    sol, x = CrossEntropyNewton().solve(problem, MixtureCrossEntropy(jnp.asarray(s), jnp.asarray(mask), jnp.asarray(m)))
     assert int(sol.status) == Status.SOLVED
     p = np.asarray(sol.p)
     assert float(sol.primal_residual) <= 1e-8 and abs(p.sum() - 1) < 1e-12
@@ -82,14 +83,14 @@ def test_hard_matches_cvxpy(masked):
     _close(objective(p, s, mask, Ws, m, [], None), objective(p_ref, s, mask, Ws, m, [], None))
     np.testing.assert_allclose(p, p_ref, atol=1e-6)
     # warm start: converged already
-    again, _ = ReverseCENewton().solve(problem, jnp.asarray(s), jnp.asarray(mask), jnp.asarray(m), y0=x)
+    again, _ = CrossEntropyNewton().solve(problem, MixtureCrossEntropy(jnp.asarray(s), jnp.asarray(mask), jnp.asarray(m)), x)
     assert int(again.iterations) <= 1 and int(again.status) == Status.SOLVED
 
 
 def test_no_constraints_is_probability_averaging():
     Ws, phat, m, problem = instance(seed=2, hard=None)
     s = np.array([0.2, 0.3, 0.5]) @ phat
-    sol, _ = ReverseCENewton().solve(problem, jnp.asarray(s), jnp.ones(60, bool), jnp.asarray(m))
+    sol, _ = CrossEntropyNewton().solve(problem, MixtureCrossEntropy(jnp.asarray(s), jnp.ones(60, bool), jnp.asarray(m)))
     assert int(sol.status) == Status.SOLVED
     np.testing.assert_allclose(sol.p, s, atol=1e-12)
 
@@ -100,7 +101,7 @@ def test_soft_matches_cvxpy(hard, soft):
     rho = np.array([2.0, 5.0, 30.0])
     s = phat.mean(0)
     mask = np.ones(60, bool)
-    sol, _ = ReverseCENewton().solve(problem, jnp.asarray(s), jnp.asarray(mask), jnp.asarray(m), jnp.asarray(rho))
+    sol, _ = CrossEntropyNewton().solve(problem, MixtureCrossEntropy(jnp.asarray(s), jnp.asarray(mask), jnp.asarray(m), jnp.asarray(rho)))
     assert int(sol.status) == Status.SOLVED
     p = np.asarray(sol.p)
     p_ref = cvx_reverse_ce(s, mask, Ws, m, list(hard), list(soft), rho)
@@ -112,7 +113,7 @@ def test_rank_deficient_and_zero_mass_tokens():
     Ws, phat, m, problem = instance(seed=4, dup=True)
     s = phat.mean(0)
     s[10:14] = 0.0  # zero mixture mass on allowed tokens
-    sol, _ = ReverseCENewton().solve(problem, jnp.asarray(s), jnp.ones(60, bool), jnp.asarray(m))
+    sol, _ = CrossEntropyNewton().solve(problem, MixtureCrossEntropy(jnp.asarray(s), jnp.ones(60, bool), jnp.asarray(m)))
     assert int(sol.status) == Status.SOLVED
     p = np.asarray(sol.p)
     assert float(sol.primal_residual) <= 1e-8 and np.all(np.isfinite(p))
@@ -128,15 +129,15 @@ def test_nonfinite_and_vmap_compile_once():
     B = 3
     S = rng.dirichlet(np.ones(60), size=B) * 0.5 + 0.5 * phat.mean(0)
     S[2, 4] = np.nan
-    solver = ReverseCENewton()
-    f = jax.jit(jax.vmap(solver.solve, in_axes=(None, 0, None, None)))
+    solver = CrossEntropyNewton()
+    f = jax.jit(jax.vmap(lambda P, *a: solver.solve(P, MixtureCrossEntropy(*a)), in_axes=(None, 0, None, None)))
     mask = jnp.ones(60, bool)
     sol, x = f(problem, jnp.asarray(S), mask, jnp.asarray(m))
     assert int(sol.status[2]) == Status.NONFINITE_INPUT
     np.testing.assert_allclose(sol.p[2], np.full(60, 1 / 60), atol=1e-15)
     assert np.all(np.isfinite(x))
     for b in range(2):
-        row, _ = solver.solve(problem, jnp.asarray(S[b]), mask, jnp.asarray(m))
+        row, _ = solver.solve(problem, MixtureCrossEntropy(jnp.asarray(S[b]), mask, jnp.asarray(m)))
         np.testing.assert_allclose(sol.p[b], row.p, atol=1e-12)
         assert int(sol.status[b]) == Status.SOLVED
     f(problem, jnp.asarray(S) * 0.9 + 0.1 / 60, mask, jnp.asarray(m))
@@ -148,7 +149,7 @@ def test_float32_agrees():
     p32 = make_problem(Ws, dtype=jnp.float32)
     s = phat.mean(0)
     mask = jnp.ones(60, bool)
-    a, _ = ReverseCENewton().solve(problem, jnp.asarray(s), mask, jnp.asarray(m))
-    b, _ = ReverseCENewton().solve(p32, jnp.asarray(s, jnp.float32), mask, jnp.asarray(m, jnp.float32))
+    a, _ = CrossEntropyNewton().solve(problem, MixtureCrossEntropy(jnp.asarray(s), mask, jnp.asarray(m)))
+    b, _ = CrossEntropyNewton().solve(p32, MixtureCrossEntropy(jnp.asarray(s, jnp.float32), mask, jnp.asarray(m, jnp.float32)))
     assert int(b.status) == Status.SOLVED and b.p.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(b.p, np.float64), a.p, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,67 @@
+r"""The one objective -> default solver table.
+
+===================== ============================== =======================================================
+objective             instance                       default solver (settings)
+===================== ============================== =======================================================
+``sum_ce``            ``LinearProgram``              ``ADMM()`` (``EntropicNewton()`` for a gradient smooth in ``c``)
+``sum_sq_ce``         ``QuadraticProgram``           ``ADMM()``
+``least_squares``     ``LeastSquaresProgram``        ``LeastSquares(fista=FISTA())``
+``kl``                ``EntropicProgram``            ``EntropicNewton()``
+``max_entropy``       ``EntropicProgram``            ``EntropicNewton()``
+``min_underestimation`` ``RatioProgram``             ``ADMM()``
+``cross_entropy``     ``MixtureCrossEntropy``        ``CrossEntropyNewton()``
+===================== ============================== =======================================================
+
+The defaults of the solvers themselves: ``ADMM()``: ``rho0=0.1, alpha=1.6``, adaptive
+:math:`\rho`, tolerances ``1e-6 / 1e-5`` (float32) or ``1e-7 / 1e-6`` (float64), at most 10,000
+(float32) / 50,000 (float64) iterations, ``check_every=25``, polish on.  ``FISTA()``:
+``tol=1e-6, max_iters=2000``, restart.  ``EntropicNewton()``: ``tol`` 1e-5 (float32) / 1e-10
+(float64), ``max_iters=100``, full Hessian (``hessian_topk=None``).  ``CrossEntropyNewton()``:
+``tol`` 1e-5 / 1e-10, ``max_iters=100``.  All with :class:`~jaxens.solvers.adjoint.ImplicitAdjoint`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from jaxens.solvers.admm import ADMM
+from jaxens.solvers.cross_entropy_newton import CrossEntropyNewton
+from jaxens.solvers.entropic_newton import EntropicNewton
+from jaxens.solvers.fista import FISTA
+from jaxens.solvers.least_squares import LeastSquares
+
+__all__ = ["default_solver", "DEFAULT_SOLVERS"]
+
+DEFAULT_SOLVERS: dict[str, Any] = {
+    "sum_ce": ADMM(),
+    "sum_sq_ce": ADMM(),
+    "least_squares": LeastSquares(fista=FISTA()),
+    "kl": EntropicNewton(),
+    "max_entropy": EntropicNewton(),
+    "min_underestimation": ADMM(),
+    "cross_entropy": CrossEntropyNewton(),
+}
+
+
+def default_solver(objective: str, **overrides: Any):
+    """The solver ``objective`` uses unless one is given (the table above), with ``overrides``
+    applied to its fields (``dataclasses.replace``), e.g.
+    ``default_solver("kl", hessian_topk=2048)`` or ``default_solver("sum_ce", max_iters=500)``.
+
+    For ``least_squares`` the overrides go to the inner ``FISTA`` (``tol``, ``max_iters``, ...)
+    unless they name a field of :class:`~jaxens.solvers.least_squares.LeastSquares`.
+    """
+    if objective not in DEFAULT_SOLVERS:
+        raise ValueError(f"unknown bottleneck objective {objective!r}; choose one of {', '.join(DEFAULT_SOLVERS)}")
+    solver = DEFAULT_SOLVERS[objective]
+    if not overrides:
+        return solver
+    if isinstance(solver, LeastSquares):
+        own = {f.name for f in dataclasses.fields(LeastSquares)}
+        outer = {k: v for k, v in overrides.items() if k in own}
+        inner = {k: v for k, v in overrides.items() if k not in own}
+        if inner:
+            outer.setdefault("fista", dataclasses.replace(solver.fista or FISTA(), **inner))
+        return dataclasses.replace(solver, **outer)
+    return dataclasses.replace(solver, **overrides)
