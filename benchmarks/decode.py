@@ -170,7 +170,7 @@ def member_from_spec(spec: str, base):
 
 def bottleneck_spec(spec: str, n: int) -> tuple[str, dict]:
     """``OBJECTIVE[:key=value...]`` -> (combiner name, make_combiner options)."""
-    from jaxens.combiners.bottleneck import default_solver
+    from jaxens.solvers.defaults import default_solver
 
     objective, *kvs = spec.split(":")
     opts, solver_kw = {}, {}
@@ -191,7 +191,7 @@ def bottleneck_spec(spec: str, n: int) -> tuple[str, dict]:
     if solver_kw:
         import dataclasses
 
-        opts["solver"] = dataclasses.replace(default_solver(objective), **solver_kw)
+        opts["solver"] = default_solver(objective, **solver_kw)
     return f"bottleneck-{objective}", opts
 
 

@@ -137,7 +137,7 @@ def _options(objective, solver):
 # sum_sq_ce, min_underestimation) polishes its answer on the active set (KKT solve, OSQP's solution
 # polishing): the vertex / QP optimum is then exact to rounding, so float32 meets TOL like the
 # other solvers (before polishing: 3e-4 / 3e-3 between a batch of 1 and 8 on one device).  The
-# entropic path of EntropicNewton.solve_lp ends at a small entropy weight where float32 moves p by
+# entropic path of EntropicNewton.the LinearProgram solve ends at a small entropy weight where float32 moves p by
 # ~3e-5 between reduction orders; it keeps a float32 tolerance of 1e-4 (float64: TOL).
 LP_F32_TOL = {"ADMM": TOL, "EntropicNewton": 1e-4}
 
@@ -151,7 +151,7 @@ def _lp_like(objective, solver):
 def _compare(problem, logits, objective, solver, meshes, tol):
     comb = bottleneck(problem, objective, **_options(objective, solver))
     _, _, ref = jax.jit(comb.combine)(logits, comb.init(B))
-    # min_underestimation (ADMM.solve_ratio, not polished) reaches float32's iteration cap on most
+    # min_underestimation (ADMM on the RatioProgram, not polished) reaches float32's iteration cap on most
     # rows of this instance; its answer at the cap is still compared (same statuses, same p)
     allowed = (0, 1) if objective == "min_underestimation" else (0,)
     assert np.all(np.isin(np.asarray(ref.status), allowed)), f"single-device reference not solved: {ref.status}"
