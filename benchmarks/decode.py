@@ -189,8 +189,6 @@ def bottleneck_spec(spec: str, n: int) -> tuple[str, dict]:
         else:
             raise SystemExit(f"unknown key {key!r} in bottleneck spec {spec!r}")
     if solver_kw:
-        import dataclasses
-
         opts["solver"] = default_solver(objective, **solver_kw)
     return f"bottleneck-{objective}", opts
 
