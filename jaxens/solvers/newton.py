@@ -90,7 +90,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jaxens.objectives import over_members
 from jaxens.problem import BottleneckProblem
@@ -101,7 +101,7 @@ __all__ = ["EntropicNewton", "NewtonInfo", "kl_prior"]
 
 
 def kl_prior(
-    log_probs: Float[Array, "n v"], weights: Float[Array, " n"]
+    log_probs: Float[ArrayLike, "n v"], weights: Float[ArrayLike, " n"]
 ) -> Float[Array, " v"]:
     r""":math:`\theta = \sum_i w_i\log\hat p_i / \sum_i w_i` (``-inf`` where a member with
     :math:`w_i > 0` gives zero probability; members with :math:`w_i = 0` are ignored)."""
@@ -514,11 +514,11 @@ class EntropicNewton:
     def solve(
         self,
         problem: BottleneckProblem,
-        theta: Float[Array, " v"],
-        mask: Bool[Array, " v"],
-        m: Float[Array, " D"],
-        rho: Float[Array, " n"] | None = None,
-        z0: Float[Array, " k"] | None = None,
+        theta: Float[ArrayLike, " v"],
+        mask: Bool[ArrayLike, " v"],
+        m: Float[ArrayLike, " D"],
+        rho: Float[ArrayLike, " n"] | None = None,
+        z0: Float[ArrayLike, " k"] | None = None,
     ) -> tuple[Solution, Float[Array, " k"]]:
         """Entropic projection of ``softmax_mask(theta)`` onto the bottleneck set (one row).
 
@@ -543,11 +543,11 @@ class EntropicNewton:
     def solve_lp(
         self,
         problem: BottleneckProblem,
-        c: Float[Array, " v"],
-        mask: Bool[Array, " v"],
-        m: Float[Array, " D"],
-        rho: Float[Array, " n"] | None = None,
-        z0: Float[Array, " k"] | None = None,
+        c: Float[ArrayLike, " v"],
+        mask: Bool[ArrayLike, " v"],
+        m: Float[ArrayLike, " D"],
+        rho: Float[ArrayLike, " n"] | None = None,
+        z0: Float[ArrayLike, " k"] | None = None,
     ) -> tuple[Solution, Float[Array, " k"]]:
         r"""``min c.p (+ soft)`` over the bottleneck set by entropic continuation (one row).
 

@@ -71,7 +71,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jaxens.problem import BottleneckProblem
 from jaxens.solvers.implicit import implicit_root
@@ -252,11 +252,11 @@ class ReverseCENewton:
     def solve(
         self,
         problem: BottleneckProblem,
-        s: Float[Array, " v"],
-        mask: Bool[Array, " v"],
-        m: Float[Array, " D"],
-        rho: Float[Array, " n"] | None = None,
-        y0: Float[Array, " k"] | None = None,
+        s: Float[ArrayLike, " v"],
+        mask: Bool[ArrayLike, " v"],
+        m: Float[ArrayLike, " D"],
+        rho: Float[ArrayLike, " n"] | None = None,
+        y0: Float[ArrayLike, " k"] | None = None,
     ) -> tuple[Solution, Float[Array, " k"]]:
         """Minimise ``-s . log p`` (+ soft) over the bottleneck set (one row).
 

@@ -12,10 +12,7 @@ from jaxens.solvers.admm import ADMM, ratio_prox_s
 from jaxens.solvers.solution import Status
 
 
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.x64
 
 
 def _softmax(x):

@@ -11,10 +11,7 @@ from jaxens.solvers.fista import FISTA, project_capped_simplex, project_masked_s
 from jaxens.solvers.solution import Status
 
 
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.x64
 
 
 def _softmax(x):
@@ -132,6 +129,7 @@ def test_projections_match_cvxpy():
         np.testing.assert_allclose(np.asarray(got), p.value, atol=1e-6)
 
 
+@pytest.mark.no_typecheck
 def test_bad_shapes_raise():
     prob, Ws, ph, m = _instance(0)
     v = prob.vocab_size

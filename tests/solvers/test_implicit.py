@@ -14,10 +14,7 @@ from jaxens.solvers.reverse_ce import ReverseCENewton
 from jaxens.solvers.solution import Status
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.x64
 
 
 V, N, DIM = 40, 3, 3

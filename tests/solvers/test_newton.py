@@ -13,10 +13,7 @@ from jaxens.solvers.newton import EntropicNewton, kl_prior
 from jaxens.solvers.solution import Status
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.x64
 
 
 # ------------------------------------------------------------------ instances
@@ -343,6 +340,7 @@ def test_float32_agrees_with_float64():
     assert abs(float(c @ l32.p) - float(c @ l64.p)) <= 1e-3 * max(1.0, abs(float(c @ l64.p)))
 
 
+@pytest.mark.no_typecheck
 def test_bad_shapes_raise():
     Ws, phat, m, problem = instance("common", seed=12)
     with pytest.raises(ValueError, match="theta must have shape"):

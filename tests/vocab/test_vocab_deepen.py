@@ -13,10 +13,7 @@ from jaxens.vocab import deepen as dp
 V, D, A, B = 301, 16, 40, 3
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.x64
 
 
 def _data(seed=0, peak=3.0):
