@@ -41,7 +41,7 @@ def rms_norm(
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     scale = 1.0 + w.astype(jnp.float32) if plus_one else w.astype(jnp.float32)
-    return (y * scale).astype(x.dtype)
+    return (y * jnp.expand_dims(scale, tuple(range(y.ndim - scale.ndim)))).astype(x.dtype)
 
 
 def layer_norm(
@@ -76,7 +76,7 @@ def rope_inv_freq(
 def rope_angles(
     positions: Int[Array, "B T"], inv_freq: Float[Array, " h"]
 ) -> tuple[Float[Array, "B T h"], Float[Array, "B T h"]]:
-    ang = positions.astype(jnp.float32)[..., None] * inv_freq
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
     return jnp.cos(ang), jnp.sin(ang)
 
 
@@ -124,8 +124,8 @@ def cached_attention(
     q: Float[Array, "B T N H"],
     k_new: Float[Array, "B T K H"],
     v_new: Float[Array, "B T K H"],
-    k_cache: Float[Array, "B S K H"],
-    v_cache: Float[Array, "B S K H"],
+    k_cache: Float[Array, "*L B S K H"],
+    v_cache: Float[Array, "*L B S K H"],
     cache_index: Int[Array, ""],
     mask: Bool[Array, "B T S"],
     scale: float,
