@@ -158,7 +158,7 @@ class MixtureEnsemble:
 
 
 def me(
-    weights: Sequence[float] | ArrayLike | None = None,
+    weights: Sequence[float | int] | ArrayLike | None = None,
     *,
     temperature: float = 1.0,
     max_pending: int = 8,

@@ -63,7 +63,7 @@ def combine_prob_average(logits, weights=None, temperature=1.0):
     return _finish(mixed, bad), AveragingInfo(bad)
 
 
-def logit_average(weights: Float[ArrayLike, " n"] | None = None, temperature: float | Float[Array, ""] = 1.0) -> Combiner:
+def logit_average(weights: Float[ArrayLike, " n"] | Sequence[float] | None = None, temperature: float | Float[Array, ""] = 1.0) -> Combiner:
     """Weighted logit averaging (geometric mean of the members' distributions)."""
     if not (isinstance(temperature, (int, float)) and temperature > 0) and not isinstance(temperature, jax.Array):
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
@@ -75,7 +75,7 @@ def logit_average(weights: Float[ArrayLike, " n"] | None = None, temperature: fl
     return Combiner(lambda batch_size: EmptyState(), combine)
 
 
-def prob_average(weights: Float[ArrayLike, " n"] | None = None, temperature: float | Float[Array, ""] = 1.0) -> Combiner:
+def prob_average(weights: Float[ArrayLike, " n"] | Sequence[float] | None = None, temperature: float | Float[Array, ""] = 1.0) -> Combiner:
     """Weighted probability averaging (the mixture that ME samples exactly)."""
     if not (isinstance(temperature, (int, float)) and temperature > 0) and not isinstance(temperature, jax.Array):
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
