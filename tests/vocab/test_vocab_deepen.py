@@ -91,6 +91,7 @@ def test_deepen_combine_float32_close_to_float64():
     np.testing.assert_allclose(np.exp(np.asarray(got)), np.exp(np.asarray(ref)), atol=2e-5)
 
 
+@pytest.mark.no_typecheck
 def test_bad_shapes():
     E, a, z = _data()
     with pytest.raises(ValueError, match="embedding rows"):
