@@ -220,13 +220,13 @@ class GPT2(nnx.Module):
 
         def layer(x, p, kc, vc, li, _):
             h = ly.layer_norm(x, p["ln1_w"], p["ln1_b"], c.ln_eps)
-            q, k, v = jnp.split(h @ p["w_qkv"] + p["b_qkv"], 3, axis=-1)
+            q, k, v = jnp.split(h @ p["w_qkv"] + p["b_qkv"][None, None, :], 3, axis=-1)
             shp = (b, t, c.n_heads, c.head_dim)
             a, kc, vc = ly.cached_attention(q.reshape(shp), k.reshape(shp), v.reshape(shp), kc, vc,
                                             cache_index, mask, scale, layer=li)
-            x = x + a.reshape(b, t, -1) @ p["w_o"] + p["b_o"]
+            x = x + a.reshape(b, t, -1) @ p["w_o"] + p["b_o"][None, None, :]
             h = ly.layer_norm(x, p["ln2_w"], p["ln2_b"], c.ln_eps)
-            x = x + ly.gelu_tanh(h @ p["w_fc"] + p["b_fc"]) @ p["w_proj"] + p["b_proj"]
+            x = x + ly.gelu_tanh(h @ p["w_fc"] + p["b_fc"][None, None, :]) @ p["w_proj"] + p["b_proj"][None, None, :]
             return x, kc, vc
 
         x, cache = ly.run_layers(layer, x, self.layers, cache)

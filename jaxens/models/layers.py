@@ -51,7 +51,8 @@ def layer_norm(
     mu = jnp.mean(xf, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
     y = (xf - mu) * jax.lax.rsqrt(var + eps)
-    return (y * w.astype(jnp.float32) + b.astype(jnp.float32)).astype(x.dtype)
+    lead = tuple(range(y.ndim - 1))  # explicit broadcast of the (d,) scale and shift
+    return (y * jnp.expand_dims(w.astype(jnp.float32), lead) + jnp.expand_dims(b.astype(jnp.float32), lead)).astype(x.dtype)
 
 
 def gelu_tanh(x: Array) -> Array:

@@ -284,7 +284,7 @@ class Llama(nnx.Module):
             h = ly.rms_norm(x, p["attn_norm"], c.rms_eps)
             q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]
             if c.qkv_bias:
-                q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+                q, k, v = q + p["bq"][None, None, :], k + p["bk"][None, None, :], v + p["bv"][None, None, :]
             q = ly.apply_rope(q.reshape(b, t, c.n_heads, c.head_dim), cos, sin)
             k = ly.apply_rope(k.reshape(b, t, c.n_kv_heads, c.head_dim), cos, sin)
             v = v.reshape(b, t, c.n_kv_heads, c.head_dim)
