@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from jaxens.combiners.averaging import logit_average, prob_average
 from jaxens.combiners.base import Combiner
@@ -152,8 +152,8 @@ def _check_inputs(member_logits, targets):
 
 
 def fit(
-    member_logits: Sequence[Float[Array, "P v"]],
-    targets: Int[Array, " P"],
+    member_logits: Sequence[Float[ArrayLike, "P v"]],
+    targets: Int[ArrayLike, " P"],
     combiner_factory: Callable[..., Combiner],
     params0: Params,
     steps: int = 100,
@@ -239,7 +239,7 @@ def fit(
 
 
 def sensitivity(
-    member_logits: Sequence[Float[Array, " v"]] | Float[Array, "n v"],
+    member_logits: Sequence[Float[ArrayLike, " v"]] | Float[ArrayLike, "n v"],
     token: int,
     combiner: Combiner,
 ) -> tuple[float, Float[Array, "n v"]]:

@@ -49,6 +49,9 @@ from jaxtyping import Array, Float
 class BottleneckProblem:
     """Static-per-ensemble data of the bottleneck problem (a pytree; shapes in the fields)."""
 
+    # JAX rebuilds pytrees through __init__ with placeholder leaves (object(), ShapeDtypeStruct,
+    # PartitionSpec): runtime type checkers (jaxtyping's import hook) must skip __init__.
+    __no_type_check__ = True
     A: Float[Array, "v D"]
     Q: Float[Array, "v r"]
     T_pinv: Float[Array, "r Dh1"]

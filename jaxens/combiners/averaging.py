@@ -17,13 +17,13 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float
 
 from jaxens.combiners.base import AveragingInfo, Combiner, EmptyState, check_member_logits, normalized_weights
 from jaxens.objectives import over_members
 
 
-def _member_log_probs(logits: Sequence[Array], temperature) -> tuple[Array, Array]:
+def _member_log_probs(logits: Sequence[ArrayLike], temperature) -> tuple[Array, Array]:
     x = jnp.stack(logits, axis=1).astype(jnp.promote_types(logits[0].dtype, jnp.float32))  # (B, n, v)
     bad = jnp.any(jnp.isnan(x) | (x == jnp.inf), axis=(1, 2))
     x = jnp.where(jnp.isnan(x) | (x == jnp.inf), 0.0, x)
@@ -63,7 +63,7 @@ def combine_prob_average(logits, weights=None, temperature=1.0):
     return _finish(mixed, bad), AveragingInfo(bad)
 
 
-def logit_average(weights: Float[Array, " n"] | None = None, temperature: float = 1.0) -> Combiner:
+def logit_average(weights: Float[ArrayLike, " n"] | Sequence[float] | None = None, temperature: float | Float[Array, ""] = 1.0) -> Combiner:
     r"""Weighted logit averaging (geometric mean of the members' distributions).
 
     .. math::  \log p = \mathrm{log\_softmax}\Big(\sum_i \tilde w_i\, \mathrm{log\_softmax}(\ell_i / T)\Big),
@@ -84,7 +84,7 @@ def logit_average(weights: Float[Array, " n"] | None = None, temperature: float 
     return Combiner(lambda batch_size: EmptyState(), combine)
 
 
-def prob_average(weights: Float[Array, " n"] | None = None, temperature: float = 1.0) -> Combiner:
+def prob_average(weights: Float[ArrayLike, " n"] | Sequence[float] | None = None, temperature: float | Float[Array, ""] = 1.0) -> Combiner:
     r"""Weighted probability averaging (the mixture that ME samples exactly).
 
     .. math::  p = \sum_i \tilde w_i\, \mathrm{softmax}(\ell_i / T), \qquad

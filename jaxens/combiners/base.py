@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, ArrayLike, Bool, Float
 
 
 class EmptyState(NamedTuple):
@@ -46,7 +46,7 @@ class Combiner(NamedTuple):
     combine: Callable[[Sequence[Float[Array, "B v"]], Any], tuple[Float[Array, "B v"], Any, Any]]
 
 
-def check_member_logits(logits: Sequence[Array], num_members: int | None = None) -> tuple[int, int]:
+def check_member_logits(logits: Sequence[ArrayLike], num_members: int | None = None) -> tuple[int, int]:
     """Trace-time shape checks shared by the combiners; returns ``(B, v)``."""
     if isinstance(logits, jnp.ndarray) or not isinstance(logits, (list, tuple)):
         raise ValueError(

@@ -56,7 +56,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jaxens.combiners.averaging import prob_average
 from jaxens.combiners.base import Combiner, normalized_weights
@@ -162,7 +162,7 @@ class MixtureEnsemble:
 
 
 def me(
-    weights: Sequence[float] | Array | None = None,
+    weights: Sequence[float | int] | ArrayLike | None = None,
     *,
     temperature: float = 1.0,
     max_pending: int = 8,

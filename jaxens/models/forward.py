@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, ArrayLike, Float, Int
 
 
 @nnx.jit
@@ -24,7 +24,7 @@ def _forward(model, tokens, positions, kv_mask):
     return logits
 
 
-def full_logits(model, tokens: Int[Array, "B T"], pad_mask=None) -> Float[Array, "B T V"]:
+def full_logits(model, tokens: Int[ArrayLike, "B T"], pad_mask=None) -> Float[Array, "B T V"]:
     """Logits of a full (uncached) forward pass; ``pad_mask[b, t]`` False marks left padding."""
     tokens = jnp.asarray(tokens, jnp.int32)
     if pad_mask is None:

@@ -43,7 +43,7 @@ def rms_norm(
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     scale = 1.0 + w.astype(jnp.float32) if plus_one else w.astype(jnp.float32)
-    return (y * scale).astype(x.dtype)
+    return (y * jnp.expand_dims(scale, tuple(range(y.ndim - scale.ndim)))).astype(x.dtype)
 
 
 def layer_norm(
@@ -53,7 +53,8 @@ def layer_norm(
     mu = jnp.mean(xf, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
     y = (xf - mu) * jax.lax.rsqrt(var + eps)
-    return (y * w.astype(jnp.float32) + b.astype(jnp.float32)).astype(x.dtype)
+    lead = tuple(range(y.ndim - 1))  # explicit broadcast of the (d,) scale and shift
+    return (y * jnp.expand_dims(w.astype(jnp.float32), lead) + jnp.expand_dims(b.astype(jnp.float32), lead)).astype(x.dtype)
 
 
 def gelu_tanh(x: Array) -> Array:
@@ -78,7 +79,7 @@ def rope_inv_freq(
 def rope_angles(
     positions: Int[Array, "B T"], inv_freq: Float[Array, " h"]
 ) -> tuple[Float[Array, "B T h"], Float[Array, "B T h"]]:
-    ang = positions.astype(jnp.float32)[..., None] * inv_freq
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
     return jnp.cos(ang), jnp.sin(ang)
 
 
@@ -135,8 +136,8 @@ def cached_attention(
     q: Float[Array, "B T N H"],
     k_new: Float[Array, "B T K H"],
     v_new: Float[Array, "B T K H"],
-    k_cache: Float[Array, "B S K H"],
-    v_cache: Float[Array, "B S K H"],
+    k_cache: Float[Array, "*L B S K H"],
+    v_cache: Float[Array, "*L B S K H"],
     cache_index: Int[Array, ""],
     mask: Bool[Array, "B T S"],
     scale: float,

@@ -291,7 +291,7 @@ def _qp_factor(params):
         return F
     cols = problem.columns(problem.soft)
     w = column_weights(problem, rho_s, jnp.zeros((), F.dtype))[cols]
-    return jnp.concatenate([F, problem.A[:, cols] * jnp.sqrt(jnp.maximum(w, 0.0))], axis=1)
+    return jnp.concatenate([F, problem.A[:, cols] * jnp.sqrt(jnp.maximum(w, 0.0))[None, :]], axis=1)
 
 
 _qp_attach = support_adjoint(_qp_grad, _qp_eq, _qp_factor)

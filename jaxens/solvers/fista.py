@@ -327,7 +327,7 @@ def _fista_factor(params):
     if cols.size == 0:
         return F
     w = column_weights(problem, rho, h)[cols]
-    return jnp.concatenate([F, problem.A[:, cols] * jnp.sqrt(jnp.maximum(w, 0.0))], axis=1)
+    return jnp.concatenate([F, problem.A[:, cols] * jnp.sqrt(jnp.maximum(w, 0.0))[None, :]], axis=1)
 
 
 _fista_attach = support_adjoint(_fista_grad, _fista_eq, _fista_factor)

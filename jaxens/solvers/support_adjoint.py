@@ -74,7 +74,7 @@ def _pinv_psd(M: Float[Array, "q q"], rcond: float) -> Float[Array, "q q"]:
     lam, V = jnp.linalg.eigh(M)
     top = jnp.maximum(jnp.max(jnp.abs(lam)), jnp.finfo(M.dtype).tiny)
     inv = jnp.where(lam > rcond * top, 1.0 / jnp.where(lam > rcond * top, lam, 1.0), 0.0)
-    return (V * inv) @ V.T
+    return (V * inv[None, :]) @ V.T
 
 
 def default_rcond(dtype) -> float:

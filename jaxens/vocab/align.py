@@ -185,7 +185,7 @@ class Alignment:
     def num_anchors(self) -> int:
         return len(self.anchor_strings)
 
-    def piece(self, u: int) -> bytes | None:
+    def piece(self, u: int | np.integer) -> bytes | None:
         """Bytes of union entry ``u`` (``None`` for the EOS entry)."""
         return self.union_strings[int(u)]
 

@@ -208,7 +208,7 @@ class SAFE(CrossMethod):
 
     # ------------------------------------------------------------ shared pieces
 
-    def _candidate(self, eng, text: bytes, arg: int) -> bool:
+    def _candidate(self, eng, text: bytes, arg: int | np.integer) -> bool:
         complete = valid_utf8_prefix(text) == len(text)
         at_word = (len(text) > 0 and text[-1] in WHITESPACE) or bool(self._starts[arg]) or \
             int(arg) in eng.view(self.drafter).eos_ids

@@ -1,6 +1,5 @@
 """Basis-aware truncation vs HiGHS feasibility of each candidate's LP."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,10 +10,7 @@ from jaxens.combiners.bat import bat_accept, bat_logits, bat_solve, bat_token_ma
 from jaxens.solvers.solution import Status
 
 
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.x64
 
 
 def _softmax(x):

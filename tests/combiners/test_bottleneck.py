@@ -77,10 +77,7 @@ def _constraints(p, Ws, probs):
     return [W.T @ p == W.T @ q for W, q in zip(Ws, probs)] + [cp.sum(p) == 1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.x64
 
 
 @pytest.mark.parametrize("seed", [0, 1])

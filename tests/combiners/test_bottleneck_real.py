@@ -10,7 +10,6 @@ and the infeasibility verdict is checked against HiGHS.
 """
 
 import cvxpy as cp
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from jaxens.models.forward import full_logits
 from jaxens.solvers.solution import Status
 from test_bottleneck import _fit, _lse
 
-pytestmark = pytest.mark.models
+pytestmark = [pytest.mark.models, pytest.mark.x64]
 
 K, DIRS = 400, 12
 
@@ -44,10 +43,6 @@ def real_rows(smollm2, smollm2_tokenizer, alice_text):
     return Ws, p_t, p_t1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def x64():
-    with jax.enable_x64(True):
-        yield
 
 
 def _combine(Ws, member_logits, objective):

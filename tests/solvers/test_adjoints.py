@@ -33,10 +33,7 @@ from jaxens.solvers.cross_entropy_newton import CrossEntropyNewton
 from jaxens.solvers.solution import Status
 
 
-@pytest.fixture(scope="module", autouse=True)
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.x64
 
 
 V, N, DIM = 30, 3, 2

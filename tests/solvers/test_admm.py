@@ -14,10 +14,7 @@ from jaxens.solvers.instances import QuadraticProgram, RatioProgram
 from jaxens.solvers.solution import Status
 
 
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.x64
 
 
 def _softmax(x):

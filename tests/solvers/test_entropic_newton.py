@@ -21,10 +21,7 @@ def kl_prior(log_probs, weights):
     return over_members(jnp.add, jnp.where(w[:, None] > 0, w[:, None] * log_probs, 0.0))
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.x64
 
 
 # ------------------------------------------------------------------ instances
@@ -354,6 +351,7 @@ def test_float32_agrees_with_float64():
     assert abs(float(c @ l32.p) - float(c @ l64.p)) <= 1e-3 * max(1.0, abs(float(c @ l64.p)))
 
 
+@pytest.mark.no_typecheck
 def test_bad_shapes_raise():
     Ws, phat, m, problem = instance("common", seed=12)
     with pytest.raises(ValueError, match="theta must have shape"):

@@ -13,10 +13,7 @@ from jaxens.solvers.projections import project_capped_simplex, project_masked_si
 from jaxens.solvers.solution import Status
 
 
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.x64
 
 
 def _softmax(x):
@@ -131,6 +128,7 @@ def test_projections_match_cvxpy():
         np.testing.assert_allclose(np.asarray(got), p.value, atol=1e-6)
 
 
+@pytest.mark.no_typecheck
 def test_bad_shapes_raise():
     prob, Ws, ph, m = _instance(0)
     v = prob.vocab_size

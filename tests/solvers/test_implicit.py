@@ -23,10 +23,7 @@ def kl_prior(log_probs, weights):
     return over_members(jnp.add, jnp.where(w[:, None] > 0, w[:, None] * log_probs, 0.0))
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.x64
 
 
 V, N, DIM = 40, 3, 3

@@ -12,10 +12,7 @@ from jaxens.solvers.least_squares import least_squares
 from jaxens.solvers.solution import Status
 
 
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.x64
 
 
 def _softmax(x):

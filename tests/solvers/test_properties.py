@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -59,10 +58,7 @@ COMBOS_FULL = [(b, dt, dt) for b in rb.BUCKETS[:3] for dt in ("float32", "float6
 COMBOS = COMBOS_FULL if FULL else COMBOS_CI
 
 
-@pytest.fixture(scope="module", autouse=True)
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.x64
 
 
 @st.composite

@@ -13,10 +13,7 @@ from jaxens.vocab import deepen as dp
 V, D, A, B = 301, 16, 40, 3
 
 
-@pytest.fixture(autouse=True)
-def x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.x64
 
 
 def _data(seed=0, peak=3.0):
@@ -94,6 +91,7 @@ def test_deepen_combine_float32_close_to_float64():
     np.testing.assert_allclose(np.exp(np.asarray(got)), np.exp(np.asarray(ref)), atol=2e-5)
 
 
+@pytest.mark.no_typecheck
 def test_bad_shapes():
     E, a, z = _data()
     with pytest.raises(ValueError, match="embedding rows"):

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 import jaxens.models.layers as ly
 from jaxens.models.base import KVCache
@@ -193,7 +193,7 @@ class Gemma3Config:
 class Gemma3(nnx.Module):
     """Gemma 3 member; see the module docstring for the equations."""
 
-    def __init__(self, config: Gemma3Config, params: Mapping[str, Array] | None = None, *,
+    def __init__(self, config: Gemma3Config, params: Mapping[str, ArrayLike] | None = None, *,
                  rngs: nnx.Rngs | None = None):
         if params is None:
             rngs = rngs if rngs is not None else nnx.Rngs(0)
@@ -229,7 +229,7 @@ class Gemma3(nnx.Module):
         kv_mask: Bool[Array, "B S"],
         *,
         logits="all",
-    ) -> tuple[Float[Array, "B T V"] | None, KVCache]:
+    ) -> tuple[Float[Array, "B T2 V"] | None, KVCache]:
         """The member contract (:mod:`jaxens.models.base`); ``logits``: see ``layers.LOGITS_DOC``."""
         c = self.config
         ly.check_inputs(tokens, positions, cache, kv_mask, c.n_layers, c.n_kv_heads, c.head_dim)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 import jaxens.models.layers as ly
 from jaxens.models.base import KVCache
@@ -127,7 +127,7 @@ class GPT2Config:
 class GPT2(nnx.Module):
     """GPT-2 member; see the module docstring for the equations."""
 
-    def __init__(self, config: GPT2Config, params: Mapping[str, Array] | None = None, *,
+    def __init__(self, config: GPT2Config, params: Mapping[str, ArrayLike] | None = None, *,
                  rngs: nnx.Rngs | None = None):
         if params is None:
             rngs = rngs if rngs is not None else nnx.Rngs(0)
@@ -162,7 +162,7 @@ class GPT2(nnx.Module):
         kv_mask: Bool[Array, "B S"],
         *,
         logits="all",
-    ) -> tuple[Float[Array, "B T V"] | None, KVCache]:
+    ) -> tuple[Float[Array, "B T2 V"] | None, KVCache]:
         """The member contract (:mod:`jaxens.models.base`); ``logits``: see ``layers.LOGITS_DOC``."""
         c = self.config
         ly.check_inputs(tokens, positions, cache, kv_mask, c.n_layers, c.n_heads, c.head_dim)
@@ -174,13 +174,13 @@ class GPT2(nnx.Module):
 
         def layer(x, p, kc, vc, li, _):
             h = ly.layer_norm(x, p["ln1_w"], p["ln1_b"], c.ln_eps)
-            q, k, v = jnp.split(h @ p["w_qkv"] + p["b_qkv"], 3, axis=-1)
+            q, k, v = jnp.split(h @ p["w_qkv"] + p["b_qkv"][None, None, :], 3, axis=-1)
             shp = (b, t, c.n_heads, c.head_dim)
             a, kc, vc = ly.cached_attention(q.reshape(shp), k.reshape(shp), v.reshape(shp), kc, vc,
                                             cache_index, mask, scale, layer=li)
-            x = x + a.reshape(b, t, -1) @ p["w_o"] + p["b_o"]
+            x = x + a.reshape(b, t, -1) @ p["w_o"] + p["b_o"][None, None, :]
             h = ly.layer_norm(x, p["ln2_w"], p["ln2_b"], c.ln_eps)
-            x = x + ly.gelu_tanh(h @ p["w_fc"] + p["b_fc"]) @ p["w_proj"] + p["b_proj"]
+            x = x + ly.gelu_tanh(h @ p["w_fc"] + p["b_fc"][None, None, :]) @ p["w_proj"] + p["b_proj"][None, None, :]
             return x, kc, vc
 
         x, cache = ly.run_layers(layer, x, self.layers, cache)

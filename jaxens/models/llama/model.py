@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 import jaxens.models.layers as ly
 from jaxens.models.base import KVCache
@@ -185,7 +185,7 @@ class LlamaConfig:
 class Llama(nnx.Module):
     """Llama-style member; see the module docstring for the equations."""
 
-    def __init__(self, config: LlamaConfig, params: Mapping[str, Array] | None = None, *, rngs: nnx.Rngs | None = None):
+    def __init__(self, config: LlamaConfig, params: Mapping[str, ArrayLike] | None = None, *, rngs: nnx.Rngs | None = None):
         if params is None:
             rngs = rngs if rngs is not None else nnx.Rngs(0)
             params = init_params(config, rngs.params())
@@ -224,7 +224,7 @@ class Llama(nnx.Module):
         kv_mask: Bool[Array, "B S"],
         *,
         logits="all",
-    ) -> tuple[Float[Array, "B T V"] | None, KVCache]:
+    ) -> tuple[Float[Array, "B T2 V"] | None, KVCache]:
         """The member contract (:mod:`jaxens.models.base`); ``logits``: see ``layers.LOGITS_DOC``."""
         c = self.config
         ly.check_inputs(tokens, positions, cache, kv_mask, c.n_layers, c.n_kv_heads, c.head_dim)
@@ -238,7 +238,7 @@ class Llama(nnx.Module):
             h = ly.rms_norm(x, p["attn_norm"], c.rms_eps)
             q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]
             if c.qkv_bias:
-                q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+                q, k, v = q + p["bq"][None, None, :], k + p["bk"][None, None, :], v + p["bv"][None, None, :]
             q = ly.apply_rope(q.reshape(b, t, c.n_heads, c.head_dim), cos, sin)
             k = ly.apply_rope(k.reshape(b, t, c.n_kv_heads, c.head_dim), cos, sin)
             v = v.reshape(b, t, c.n_kv_heads, c.head_dim)
