@@ -16,6 +16,7 @@ whose vocabularies differ) run through :mod:`jaxens.cli.vocab`.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxens.cli.vocab import cross_generate_cli, wants_cross
+from jaxens.vocab import CROSS_METHODS
 from jaxens.decode import COMBINERS, Decoder, make_combiner
 from jaxens.harness import members as jmembers
 from jaxens.solvers.defaults import default_solver
@@ -65,23 +67,57 @@ class _TextStream:
         self.printed = text
 
 
+_SAME_VOCAB = {
+    "logit_average": "geometric mean: log_softmax(sum_i w_i log p_i)",
+    "prob_average": "mixture: sum_i w_i p_i",
+    "me": "ME: one member drawn per step (exact samples of prob_average under plain sampling)",
+    "bottleneck-sum_ce": "LP: min -sum_i w_i p.log p_i over the bottleneck set (ADMM)",
+    "bottleneck-sum_sq_ce": "QP: min sum_i w_i (p.log p_i)^2 over the bottleneck set (ADMM)",
+    "bottleneck-least_squares": "min ||A_H^T p - m_H||^2 over the simplex (FISTA)",
+    "bottleneck-kl": "min sum_i w_i KL(p || p_i) over the bottleneck set (Newton on the dual)",
+    "bottleneck-max_entropy": "maximum-entropy p in the bottleneck set (Newton on the dual)",
+    "bottleneck-min_underestimation": "min max_ij p_j / p_ij over the bottleneck set (ADMM)",
+    "bottleneck-cross_entropy": "min sum_i w_i H(p_i, p) over the bottleneck set (primal-dual Newton)",
+}
+_CROSS = {
+    "gac": "union vocabulary: each member's distribution mapped onto the union, then averaged",
+    "unite": "UniTE: union of the members' top-k tokens",
+    "deepen": "DeePEn: averaging in a relative-representation space, mapped back",
+    "safe": "SAFE: a drafter proposes, the others verify at token boundaries",
+    "me": "ME across tokenizers: one member drawn per step, the others re-encode the text",
+}
+
+
+def list_combiners() -> str:
+    """Every combiner, one line each: same-vocabulary ones, then the cross-tokenizer methods."""
+    lines = ["same vocabulary (--combiner NAME):"]
+    for name in sorted(COMBINERS):
+        lines.append(f"  {name:32s} {_SAME_VOCAB.get(name, '(registered with jaxens.register_combiner)')}")
+    lines.append("across tokenizers (members with different vocabularies):")
+    for name in sorted(CROSS_METHODS):
+        doc = _CROSS.get(name) or ((CROSS_METHODS[name].__doc__ or "").strip().splitlines() or [""])[0]
+        lines.append(f"  {name:32s} {doc}")
+    return "\n".join(lines) + "\n"
+
+
 def add_generate_parser(sub) -> None:
     """Register ``jaxens generate`` on the CLI's subparsers."""
-    g = sub.add_parser("generate", help="generate text with an ensemble of members")
-    g.add_argument("--member", action="append", required=True, help="zoo name, HF directory or .gguf (repeat)")
+    g = sub.add_parser("generate", help="generate text with an ensemble of members",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g.add_argument("--member", action="append", help="zoo name, HF directory or .gguf (repeat; required)")
     g.add_argument("--combiner", default="logit_average", help="combiner name (see --list-combiners)")
     g.add_argument("--weights", type=float, nargs="+", help="one weight per member")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--min-p", type=float)
-    g.add_argument("--greedy", action="store_true")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    g.add_argument("--top-k", type=int, help="keep the K likeliest tokens")
+    g.add_argument("--top-p", type=float, help="nucleus sampling mass")
+    g.add_argument("--min-p", type=float, help="drop tokens below P x the top probability")
+    g.add_argument("--greedy", action="store_true", help="take the likeliest token each step")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     src.add_argument("--prompt-file", help="one prompt per non-empty line ('-' for stdin)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    g.add_argument("--seed", type=int, default=0, help="PRNG seed of the sampler")
+    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="members' weight dtype")
     g.add_argument("--stop-token", type=int, action="append", default=[], help="extra stop token id (repeat)")
     g.add_argument("--no-eos-stop", action="store_true", help="do not stop at the tokenizer's EOS")
     g.add_argument("--vocab-size", type=int, help="common vocabulary size for members with padded tables")
@@ -99,12 +135,12 @@ def add_generate_parser(sub) -> None:
     b.add_argument("--lam", type=float, default=0.0, help="smoothing weight towards the logit average, in [0, 1]")
     b.add_argument("--hessian-topk", type=int, metavar="K",
                    help="bottleneck-kl / bottleneck-max_entropy: form the Newton Hessian from the K likeliest "
-                        "tokens (default: all)")
+                        "tokens (None: all tokens)")
     g.add_argument("--vocab-option", action="append", default=[], metavar="KEY=VALUE",
                    help="option of a cross-tokenizer method (gac, unite, deepen, safe; me across tokenizers)")
     g.add_argument("--chunk-steps", type=int, default=4, help="steps between streamed outputs")
     g.add_argument("--stats", action="store_true", help="print timing and combiner diagnostics to stderr")
-    g.add_argument("--list-combiners", action="store_true", help="print the registered combiners and exit")
+    g.add_argument("--list-combiners", action="store_true", help="print every combiner with one line each and exit")
     g.set_defaults(func=cmd_generate)
 
 
@@ -162,8 +198,10 @@ def cmd_generate(args, out=None, err=None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
     if args.list_combiners:
-        out.write("\n".join(sorted(COMBINERS)) + "\n")
+        out.write(list_combiners())
         return 0
+    if not args.member:
+        raise ValueError("--member is required (repeat it: --member smollm2-135m --member smollm2-tiny-64)")
     cross = wants_cross(args)
     if not cross and args.combiner not in COMBINERS:
         raise ValueError(f"unknown combiner {args.combiner!r}; known combiners: {', '.join(sorted(COMBINERS))}")

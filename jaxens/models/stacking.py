@@ -16,7 +16,7 @@ that belong to neither table), :func:`scatter_stacked` maps back.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -24,6 +24,7 @@ import numpy as np
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
 
 
+@runtime_checkable
 class ParamLayout(Protocol):
     """What the mapping needs from a family config."""
 

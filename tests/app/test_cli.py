@@ -120,6 +120,15 @@ def test_tokenizer_mismatch_and_unknown_member(capsys):
 def test_list_combiners_and_subcommand_required(capsys):
     code, out, _ = run(["generate", "--member", "toy0", "--list-combiners"], capsys)
     assert code == 0 and {"logit_average", "prob_average", "me"} <= set(out.split())
+    # alone, without members: every combiner, one line each, the cross-tokenizer methods too
+    code, alone, _ = run(["generate", "--list-combiners"], capsys)
+    assert code == 0 and alone == out
+    names = {line.split()[0] for line in alone.splitlines() if line.startswith("  ")}
+    assert {"bottleneck-kl", "bottleneck-sum_ce", "gac", "unite", "deepen", "safe"} <= names
+    assert all(len(line.split()) > 1 for line in alone.splitlines() if line.startswith("  "))
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--prompt", "abc"])
+    assert "--member is required" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main([])
 
