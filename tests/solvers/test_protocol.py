@@ -26,6 +26,7 @@ def _problem():
     return make_problem(Ws, hard=(0,)), rng
 
 
+@pytest.mark.no_typecheck  # jaxens's own message, not the runtime type checker's
 def test_wrong_instance_names_the_accepting_solvers():
     problem, _ = _problem()
     inst = EntropicProgram(jnp.zeros(30), jnp.ones(30, bool), jnp.zeros(problem.A.shape[1]))
