@@ -90,11 +90,24 @@ def _entry(name: str) -> ZooEntry:
 
 
 def cache_root() -> Path:
+    """The cache directory: ``$JAXENS_CACHE``, else ``$XDG_CACHE_HOME/jaxens``, else
+    ``~/.cache/jaxens``; created if missing.  A path that is a file or cannot be created is a
+    ``ValueError`` naming the variable, the path and the fix."""
     env = os.environ.get("JAXENS_CACHE")
     if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "jaxens"
+        root, source = Path(env).expanduser(), "JAXENS_CACHE"
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        root = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "jaxens"
+        source = "XDG_CACHE_HOME" if xdg else "the default cache directory"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(
+            f"{source} ({root}) cannot be used as the jaxens cache: {e.strerror or e}; "
+            f"set JAXENS_CACHE to a writable directory"
+        ) from None
+    return root
 
 
 def _inside(path: Path, root: Path) -> Path:

@@ -89,3 +89,19 @@ def test_cache_root_env(monkeypatch, tmp_path):
     monkeypatch.delenv("JAXENS_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
     assert zoo.cache_root() == tmp_path / "x" / "jaxens"
+
+
+@pytest.mark.parametrize("kind", ["file", "unwritable"])
+def test_bad_cache_directory_is_one_clear_error(tmp_path, monkeypatch, kind):
+    from jaxens.harness import zoo
+
+    if kind == "file":
+        bad = tmp_path / "a-file"
+        bad.write_text("x")
+    else:
+        blocker = tmp_path / "blocker"
+        blocker.write_text("x")
+        bad = blocker / "sub"  # a directory below a file cannot be created
+    monkeypatch.setenv("JAXENS_CACHE", str(bad))
+    with pytest.raises(ValueError, match=r"JAXENS_CACHE \(.*\) cannot be used as the jaxens cache.*set JAXENS_CACHE"):
+        zoo.cache_root()
