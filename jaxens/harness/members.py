@@ -35,7 +35,14 @@ def load_member(spec: str, dtype: str = "float32"):
     if path.is_file() and path.suffix == ".gguf":
         return load_gguf(path, dtype=dtype), tokenizer_from_gguf(path)
     if path.exists():
-        raise ValueError(f"member {spec!r}: expected a checkpoint directory or a .gguf file")
+        hint = ""
+        if path.suffix in (".pt", ".pth", ".bin", ".ckpt", ".pkl"):
+            hint = " (pickle checkpoints are refused: they can run code; convert it to safetensors)"
+        raise ValueError(f"member {spec!r}: expected a checkpoint directory or a .gguf file{hint}")
+    looks_like_path = spec.endswith((".gguf", ".safetensors")) or "/" in spec or spec.startswith(("~", "."))
+    if looks_like_path:
+        raise ValueError(f"member {spec!r}: file not found (give an existing .gguf file, a checkpoint "
+                         f"directory, or a zoo name)")
     return zoo.load(spec, dtype=dtype)
 
 

@@ -84,3 +84,16 @@ def test_cli_option_parsing():
         parse_vocab_options(["k"])
     with pytest.raises(ValueError, match="unknown method"):
         parse_vocab_options(["nope.k=1"], ("unite",))
+
+
+def test_member_paths_that_do_not_load_say_why(tmp_path):
+    from jaxens.harness.members import load_member
+
+    with pytest.raises(ValueError, match="file not found"):
+        load_member(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ValueError, match="file not found"):
+        load_member("./no/such/dir")
+    pt = tmp_path / "model.pt"
+    pt.write_bytes(b"\x80\x04")
+    with pytest.raises(ValueError, match="convert it to safetensors"):
+        load_member(str(pt))
