@@ -16,7 +16,7 @@ that belong to neither table), :func:`scatter_stacked` maps back.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import numpy as np
 
@@ -24,9 +24,9 @@ import numpy as np
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
 
 
-@runtime_checkable
 class ParamLayout(Protocol):
-    """What the mapping needs from a family config."""
+    """What the mapping needs from a family config (the families' ``params.py`` annotate it as
+    ``Any``: a Protocol with attributes cannot be checked at run time by beartype)."""
 
     n_layers: int
 

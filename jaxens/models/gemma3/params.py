@@ -15,10 +15,12 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+from typing import Any
+
 import numpy as np
 from jaxtyping import Array
 
-from jaxens.models.stacking import ParamLayout, gather_stacked, scatter_stacked
+from jaxens.models.stacking import gather_stacked, scatter_stacked
 
 # internal per-layer name -> (transformers template, transpose the [out, in] Linear weight)
 HF_LAYER = {
@@ -70,12 +72,12 @@ def _strip_multimodal(tensors: Mapping[str, np.ndarray]) -> Mapping[str, np.ndar
     return out
 
 
-def params_from_hf(config: ParamLayout, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def params_from_hf(config: Any, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Stack a transformers-named state dict into the internal layout (shapes checked)."""
     return gather_stacked(config.param_shapes(), HF_TOP, HF_LAYER, config.n_layers, _strip_multimodal(tensors))
 
 
-def params_to_hf(config: ParamLayout, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def params_to_hf(config: Any, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The internal layout as a transformers-named state dict."""
     return scatter_stacked(params, HF_TOP, HF_LAYER, config.n_layers)
 
@@ -85,7 +87,7 @@ def tensor_from_gguf(arch: str, name: str, w: np.ndarray, hf_config: Mapping) ->
     return w - 1.0 if name.endswith("norm.weight") else w
 
 
-def init_params(config: ParamLayout, key: Array, std: float = 0.02) -> dict[str, Array]:
+def init_params(config: Any, key: Array, std: float = 0.02) -> dict[str, Array]:
     """Random parameters ``s · z``, ``z ~ N(0, 1)``, ``s = 0.1`` for norms and ``std`` otherwise."""
     shapes = config.param_shapes()
     keys = jax.random.split(key, len(shapes))

@@ -15,10 +15,12 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+from typing import Any
+
 import numpy as np
 from jaxtyping import Array
 
-from jaxens.models.stacking import ParamLayout, gather_stacked, scatter_stacked
+from jaxens.models.stacking import gather_stacked, scatter_stacked
 
 _P = "transformer.h.{i}."
 # internal per-layer name -> (transformers template, transpose)
@@ -53,14 +55,14 @@ GGUF_TOP = {"token_embd": "transformer.wte", "position_embd": "transformer.wpe",
 _GGUF_TRANSPOSED = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
 
 
-def params_from_hf(config: ParamLayout, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def params_from_hf(config: Any, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Stack a transformers-named state dict into the internal layout (shapes checked)."""
     if "wte.weight" in tensors:  # the original checkpoints have no "transformer." prefix
         tensors = {("transformer." + k if not k.startswith("lm_head.") else k): v for k, v in tensors.items()}
     return gather_stacked(config.param_shapes(), HF_TOP, HF_LAYER, config.n_layers, tensors)
 
 
-def params_to_hf(config: ParamLayout, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def params_to_hf(config: Any, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The internal layout as a transformers-named state dict."""
     return scatter_stacked(params, HF_TOP, HF_LAYER, config.n_layers)
 
@@ -72,7 +74,7 @@ def tensor_from_gguf(arch: str, name: str, w: np.ndarray, hf_config: Mapping) ->
     return w
 
 
-def init_params(config: ParamLayout, key: Array, std: float = 0.02) -> dict[str, Array]:
+def init_params(config: Any, key: Array, std: float = 0.02) -> dict[str, Array]:
     """Random parameters, ``z ~ N(0, 1)``: LayerNorm gains ``1 + 0.1 z``, biases ``0.1 z``, weights ``std · z``."""
     shapes = config.param_shapes()
     keys = jax.random.split(key, len(shapes))
