@@ -18,7 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from jaxens.harness.evaluate.config import ECE_BINS
 
@@ -39,7 +39,7 @@ def _row_scores(logp, targets):
     return lt, jnp.argmax(logp, axis=-1) == targets, jnp.exp(jnp.max(logp, axis=-1))
 
 
-def row_scores(logp: Float[Array, "P v"], targets: Int[Array, " P"]) -> RowScores:
+def row_scores(logp: Float[ArrayLike, "P v"], targets: Int[ArrayLike, " P"]) -> RowScores:
     lt, c, conf = _row_scores(jnp.asarray(logp), jnp.asarray(targets, jnp.int32))
     return RowScores(np.asarray(lt, np.float64), np.asarray(c), np.asarray(conf, np.float64))
 
