@@ -47,7 +47,15 @@ from jaxtyping import Array, Float
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class BottleneckProblem:
-    """Static-per-ensemble data of the bottleneck problem (a pytree; shapes in the fields)."""
+    r"""Static-per-ensemble data of the bottleneck problem (a pytree; shapes in the fields).
+
+    With :math:`A = [W_1 | \dots | W_n] \in \mathbb R^{v\times D}` (a bias adds a column) and
+    the hard members' columns :math:`A_H`, the feasible set of a row is
+    :math:`\{p \in \Delta_v : A_H^\top p = m_H\}`; ``Q`` is an orthonormal basis of
+    :math:`\operatorname{span}[A_H, \mathbf 1]` (rank ``rank``), so the constraints read
+    :math:`Q^\top p = \beta(m)`.  Everything here depends on the :math:`W_i` alone and is built
+    once by :func:`make_problem`; per-row data (moments, objective) are solver arguments.
+    """
 
     # JAX rebuilds pytrees through __init__ with placeholder leaves (object(), ShapeDtypeStruct,
     # PartitionSpec): runtime type checkers (jaxtyping's import hook) must skip __init__.
@@ -209,6 +217,11 @@ def make_problem(
     rank_rtol: float = 1e-12,
 ) -> BottleneckProblem:
     """Build the per-ensemble bottleneck data once (eagerly; not inside ``jit``).
+
+    Example::
+
+        problem = make_problem([W1, W2], hard=(0,), soft=(1,))   # W_i: (v, d_i)
+        comb = jaxens.bottleneck(problem, "kl", rho=10.0)
 
     Args:
       unembeddings: one ``(v, d_i)`` matrix per member (the rows of the output embedding).

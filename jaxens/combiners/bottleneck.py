@@ -162,7 +162,15 @@ def bottleneck(
     check_feasibility: bool = True,
     warm_start: bool = True,
 ) -> Combiner:
-    """The bottleneck combiner for a prebuilt :class:`BottleneckProblem`.
+    r"""The bottleneck combiner for a prebuilt :class:`BottleneckProblem`.
+
+    Per row: :math:`\min_{p\in\Delta_v} f(p)` s.t. :math:`A_H^\top p = A_H^\top \hat p`
+    (the hard members' moments), plus :math:`\tfrac{\rho_i}{2}\lVert A_i^\top p - m_i\rVert^2`
+    for the soft ones, with ``f`` the objective (e.g. ``kl``:
+    :math:`\sum_i w_i\,\mathrm{KL}(p\,\|\,\hat p_i)`).  Example::
+
+        comb = bottleneck(make_problem([W1, W2], hard="all"), "kl")
+        log_p, state, sol = comb.combine([l1, l2], comb.init(B))   # sol.status per row
 
     Args:
       problem: from :func:`jaxens.make_problem` (its ``hard``/``soft`` sets are the constraint set).

@@ -112,7 +112,12 @@ class _Row(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class CrossEntropyNewton(AbstractIterativeSolver):
-    """Primal-dual Newton for the cross-entropy projection (math in the module docstring).
+    r"""Primal-dual Newton for the cross-entropy projection (math in the module docstring).
+
+    Solves :math:`\min_p -\sum_j s_j \log p_j` over the bottleneck set
+    (:math:`s = \sum_i w_i \hat p_i`; probability averaging when unconstrained) from its KKT
+    conditions :math:`p_j = s_j / (G y)_j`, :math:`G^\top p = b`, by damped Newton steps in the
+    dual :math:`y` that keep :math:`G y > 0`.
 
     Accepts :class:`~jaxens.solvers.instances.MixtureCrossEntropy`; the warm start is the dual
     ``x`` returned by the previous call (:meth:`cold_start`: ``(Q^T 1, 0)``).

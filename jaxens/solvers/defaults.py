@@ -45,9 +45,15 @@ DEFAULT_SOLVERS: dict[str, Any] = {
 
 
 def default_solver(objective: str, **overrides: Any):
-    """The solver ``objective`` uses unless one is given (the table above), with ``overrides``
-    applied to its fields (``dataclasses.replace``), e.g.
-    ``default_solver("kl", hessian_topk=2048)`` or ``default_solver("sum_ce", max_iters=500)``.
+    """The solver ``objective`` uses unless one is given (the table of the module doc, e.g.
+    ``default_solver("kl") == EntropicNewton()``) with ``overrides`` applied.
+
+    Example::
+
+        default_solver("kl", hessian_topk=2048)   # EntropicNewton(hessian_topk=2048)
+
+    Overrides replace the solver's dataclass fields (``dataclasses.replace``), e.g.
+    ``default_solver("sum_ce", max_iters=500)``.
 
     For ``least_squares`` the overrides go to the inner ``FISTA`` (``tol``, ``max_iters``, ...)
     unless they name a field of :class:`~jaxens.solvers.least_squares.LeastSquares`.

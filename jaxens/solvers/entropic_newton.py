@@ -140,7 +140,13 @@ class _Row(NamedTuple):
 # ----------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class EntropicNewton(AbstractIterativeSolver):
-    """Damped Newton on the entropic dual (see the module docstring for the math).
+    r"""Damped Newton on the entropic dual (see the module docstring for the math).
+
+    For ``EntropicProgram(theta, ...)`` it minimises the convex dual
+    :math:`\phi(z) = \log\sum_j e^{\theta_j + (G z)_j} - z^\top b` (+ the soft terms), whose
+    minimiser gives :math:`p = \mathrm{softmax}(\theta + G z)`, the KL projection of
+    :math:`\mathrm{softmax}(\theta)` onto the bottleneck set; steps
+    :math:`\delta = -(G^\top(\mathrm{diag}\,p - p p^\top)G)^{-1}\nabla\phi` with backtracking.
 
     Accepts :class:`~jaxens.solvers.instances.EntropicProgram` and
     :class:`~jaxens.solvers.instances.LinearProgram`; the warm start is the dual ``z`` (for the

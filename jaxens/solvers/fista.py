@@ -118,7 +118,13 @@ def check_row(problem, c, F, mask, m, rho):
 
 @dataclasses.dataclass(frozen=True)
 class FISTA(AbstractIterativeSolver):
-    """FISTA with adaptive restart over the masked (optionally capped) simplex.
+    r"""FISTA with adaptive restart over the masked (optionally capped) simplex.
+
+    Minimises :math:`c^\top p + \tfrac12\lVert F^\top p\rVert^2
+    + \tfrac{\kappa}{2}\lVert A_H^\top p - m_H\rVert^2 + \sum_{i\in S}\tfrac{\rho_i}{2}
+    \lVert A_i^\top p - m_i\rVert^2` over :math:`\{p \ge 0,\ \mathbf 1^\top p = 1,\ p \le u\}`
+    with steps :math:`y - \nabla f(y)/L` projected onto that set
+    (:mod:`~jaxens.solvers.projections`).
 
     Accepts :class:`~jaxens.solvers.instances.PenalisedProgram`; the warm start is a
     distribution ``p0`` (projected onto the feasible set), the next warm start the final ``x``.

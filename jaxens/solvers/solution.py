@@ -18,6 +18,11 @@ from jaxtyping import Array, Bool, Float, Int
 class Status(enum.IntEnum):
     """Outcome of a solve, stored per row as an ``int32``.
 
+    Example::
+
+        _, _, sol = comb.combine(logits, None)
+        names = [Status(int(s)).name for s in sol.status]   # e.g. ['SOLVED', 'INFEASIBLE']
+
     * ``SOLVED`` - converged: primal residual and gap / dual residual within tolerance.
     * ``MAX_ITERS`` - the iteration cap was reached; ``p`` is the best iterate (a valid
       distribution), the residuals say how far it is from optimal.
@@ -51,6 +56,11 @@ STATUS_MESSAGES = {
 
 class Solution(NamedTuple):
     """The result of one bottleneck solve (leading batch axes allowed on every field).
+
+    Example::
+
+        sol, warm = jaxens.EntropicNewton().solve(problem, instance, None)
+        sol.p, Status(int(sol.status)).name, sol.primal_residual   # ||A^T p - m||_inf
 
     Attributes:
       p: the combined distribution, non-negative and summing to one.

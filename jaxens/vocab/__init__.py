@@ -32,7 +32,13 @@ def make_cross_method(name: str, **options) -> CrossMethod:
 
 def cross_generate(members, tokenizers, method, prompts, max_new_tokens, sampler=None, *, seed=0, **options):
     """One-shot: ``CrossDecoder(members, tokenizers, method).generate(prompts, max_new_tokens)``;
-    ``method`` is a :class:`CrossMethod` or a name (``options`` go to its constructor)."""
+    ``method`` is a :class:`CrossMethod` or a name (``options`` go to its constructor).
+
+    Example::
+
+        out = cross_generate([smol, gemma], [smol_tok, gemma_tok], "gac", ["Alice was"], 16)
+        print(out.texts[0])
+    """
     if isinstance(method, str):
         method = make_cross_method(method, **options)
     return CrossDecoder(members, tokenizers, method, sampler).generate(prompts, max_new_tokens, seed=seed)

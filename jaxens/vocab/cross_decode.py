@@ -303,7 +303,15 @@ def id_pieces(view: TokenizerView, ids: np.ndarray) -> list:
 
 
 class CrossDecoder:
-    """Decode with members that have different tokenizers.
+    r"""Decode with members that have different tokenizers.
+
+    Each step every member proposes :math:`\hat p_i` over its own vocabulary; the method maps
+    them into a common space (GaC: the union vocabulary, :math:`p(u) = \sum_i w_i \hat p_i(u)`
+    for the tokens :math:`u` each member holds), a token string is sampled, and every member
+    re-encodes the text after its last stable token.  Example::
+
+        dec = CrossDecoder([smol, gemma], [smol_tok, gemma_tok], GaC(), Sampler(greedy=True))
+        print(dec.generate(["The capital of France is"], 24).texts[0])
 
     Args:
       members: NNX modules (:mod:`jaxens.models.base`).
