@@ -240,25 +240,6 @@ def _robust_total(steps: Sequence[float]) -> float:
     return float(np.where(t > 20 * med, med, t).sum())
 
 
-def split_rows(text: str, chunk_bytes: int | None) -> list[str]:
-    """Cut ``text`` at word boundaries (:func:`jaxens.vocab.align.word_boundaries`) into pieces of at
-    least ``chunk_bytes`` bytes (the last one may be shorter; ``None``: one piece)."""
-    x = text.encode("utf-8")
-    if chunk_bytes is None or len(x) <= chunk_bytes:
-        return [text] if x else []
-    if chunk_bytes < 1:
-        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
-    cuts, last = [0], 0
-    for k in word_boundaries(x).tolist()[1:-1]:
-        if k - last >= chunk_bytes:
-            cuts.append(k)
-            last = k
-    if len(x) - last < chunk_bytes // 4 and len(cuts) > 1:  # no tiny tail row
-        cuts.pop()
-    cuts.append(len(x))
-    return [x[a:b].decode("utf-8") for a, b in zip(cuts[:-1], cuts[1:])]
-
-
 def teacher_forced_log_probs(members, tokenizers, methods: Mapping[str, CrossMethod], rows: Sequence[str], *,
                              pivot: int = 0, alignment: Alignment | None = None, cache_dtype=None, seed: int = 0,
                              progress: bool = False) -> ForcedResult:
