@@ -74,7 +74,7 @@ from typing import ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, ArrayLike, Bool, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from jaxens.problem import BottleneckProblem
 from jaxens.solvers.base import AbstractIterativeSolver, iterate

@@ -22,7 +22,6 @@ import dataclasses
 import math
 from collections.abc import Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
