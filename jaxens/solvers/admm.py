@@ -70,7 +70,7 @@ from jaxens.solvers.splitting import (
     unrolled_tail,
     warm_state,
 )
-from jaxens.solvers.support_adjoint import support_adjoint
+from jaxens.solvers.qp_terms import qp_attach, qp_factor, qp_grad
 
 __all__ = ["ADMM", "ADMMState"]
 
@@ -269,32 +269,6 @@ def _qp_ops(problem: BottleneckProblem, c, F, mask, m, rho_s, box):
     return x_update, z_update, grad_norm, L_S, beta
 
 
-def _qp_grad(p, params):
-    """``grad f(p) = F F^T p + c + A (w * (A^T p - m))`` of the ADMM objective (soft ``w``)."""
-    problem, c, F, m, rho_s = params
-    g = F @ (F.T @ p) + c
-    if problem.soft:
-        w = column_weights(problem, rho_s, jnp.zeros((), p.dtype))
-        g = g + problem.A @ (w * (p @ problem.A - m))
-    return g
-
-
-def _qp_eq(params):
-    problem, _, _, m, _ = params
-    return problem.Q, problem.beta(m)
-
-
-def _qp_factor(params):
-    """``U`` with ``U U^T`` the Hessian: ``[F, sqrt(rho_i) A_i for soft i]``."""
-    problem, _, F, _, rho_s = params
-    if not problem.soft:
-        return F
-    cols = problem.columns(problem.soft)
-    w = column_weights(problem, rho_s, jnp.zeros((), F.dtype))[cols]
-    return jnp.concatenate([F, problem.A[:, cols] * jnp.sqrt(jnp.maximum(w, 0.0))[None, :]], axis=1)
-
-
-_qp_attach = support_adjoint(_qp_grad, _qp_eq, _qp_factor)
 
 
 @functools.partial(jax.jit, static_argnames=("solver",))
@@ -340,7 +314,7 @@ def _admm_solve(solver: ADMM, problem: BottleneckProblem, c, F, mask, m, rho, wa
     k_pol = F_ng.shape[1] + num_soft_cols(prob_ng)
     if solver.polish and polish_size(solver, prob_ng.Q.shape, k_pol) <= solver.polish_max_size:
         p_ng = (prob_ng, c_ng, F_ng, m_ng, rho_ng)
-        U, g0 = _qp_factor(p_ng), _qp_grad(jnp.zeros((v,), dtype), p_ng)
+        U, g0 = qp_factor(p_ng), qp_grad(jnp.zeros((v,), dtype), p_ng)
         polished = polish_qp(solver, prob_ng.Q, beta, U, jnp.where(mask, g0, 0.0), mask, box, state)
     sol, state = finish(
         prob_ng, state, loop_status, mask, m_ng, finite_in, state.z, dtype, solver.polish_iters, prob_ng.Q, beta, polished
@@ -352,6 +326,6 @@ def _admm_solve(solver: ADMM, problem: BottleneckProblem, c, F, mask, m, rho, wa
         p_d = straight_through(p, normalise(zt, mask))
     else:
         free = (mask & (p > 0) & (p < box)).astype(dtype)
-        p_d = _qp_attach(p, params, free, jnp.where(free > 0, 0.0, p))
+        p_d = qp_attach(p, params, free, jnp.where(free > 0, 0.0, p))
     sol = sol._replace(p=jnp.where(finite_in, p_d, p))
     return sol, jax.lax.stop_gradient(state)
