@@ -140,3 +140,37 @@ def gaussian(v: int, n: int, d: int, batch: int, seed: int = 0, sigma_g: float =
     c = -log_softmax(logits).mean(1)
     delta = degeneracy(span_basis(np.concatenate(Ws, axis=1)), c)
     return Instances(f"gaussian v={v} n={n} d={d}", Ws, logits, p_star, c, delta)
+
+
+def real_rows(batch: int, seed: int = 0, members=("smollm2-135m", "smollm2-tiny-64"), hard=(0,),
+              window: int = 128, text: str | None = None) -> Instances:
+    """Real rows: the members' next-token logits at ``batch`` positions of the shared texts' test
+    splits (windows of ``window`` tokens, positions drawn with ``seed``), with their real
+    unembeddings (``Ws``).  The degeneracy is measured against the ``hard`` members' span: with
+    SmolLM2 hard and the trained member unconstrained, the cost's part from the trained member
+    lies off SmolLM2's span.  ``p_star`` is ``None`` (the hard members' own moments are feasible:
+    the hard member's distribution is a witness)."""
+    from jaxens.harness import data, zoo
+    from jaxens.models.forward import full_logits
+
+    loaded = [zoo.load(name) for name in members]
+    tok = loaded[0][1]
+    texts = data.read_all()
+    names = sorted(texts) if text is None else [text]
+    rng = np.random.default_rng(seed)
+    ids = np.concatenate([data.encode(tok, data.split_part(texts[nm], "test")) for nm in names])
+    starts = rng.integers(0, len(ids) - window - 1, size=-(-batch // 8))
+    rows = []
+    for s in starts:
+        toks = ids[s : s + window][None, :]
+        per = [np.asarray(full_logits(model, toks)[0], np.float64) for model, _ in loaded]
+        pos = rng.choice(np.arange(window // 4, window), size=8, replace=False)
+        rows += [np.stack([lg[t] for lg in per]) for t in pos]
+    logits = np.stack(rows[:batch])
+    v = min(lg.shape[-1] for lg in logits[0])
+    logits = logits[..., :v]
+    Ws = [np.asarray(model.unembedding()[0], np.float64)[:v] for model, _ in loaded]
+    c = -log_softmax(logits).mean(1)
+    A_h = np.concatenate([Ws[i] for i in hard], axis=1)
+    delta = degeneracy(span_basis(A_h), c)
+    return Instances(f"real {'+'.join(members)} hard={list(hard)} v={v}", Ws, logits, None, c, delta)

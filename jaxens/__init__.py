@@ -27,7 +27,16 @@ from jaxens.decode import DecodeOutput, Decoder, generate, make_combiner, regist
 from jaxens.problem import BottleneckProblem, make_problem
 from jaxens.sampling import Sampler
 from jaxens.sharding import ShardedDecoder, ShardingConfig
-from jaxens.solvers import ADMM, FISTA, CrossEntropyNewton, EntropicNewton, Solution, Status, default_solver
+from jaxens.solvers import (
+    ADMM,
+    FISTA,
+    CrossEntropyNewton,
+    EntropicNewton,
+    Solution,
+    Status,
+    WorkingSet,
+    default_solver,
+)
 from jaxens.vocab import CrossDecoder, cross_generate
 
 __version__ = "0.1.0"
@@ -48,6 +57,7 @@ __all__ = [
     "ShardingConfig",
     "Solution",
     "Status",
+    "WorkingSet",
     "bottleneck",
     "cross_generate",
     "default_solver",

@@ -22,8 +22,10 @@ from jaxens.solvers.instances import (
 )
 from jaxens.solvers.least_squares import LeastSquares, least_squares
 from jaxens.solvers.solution import Solution, Status, raise_if_failed
+from jaxens.solvers.working_set import WorkingSet
 
 __all__ = [
+    "WorkingSet",
     "ADMM",
     "FISTA",
     "EntropicNewton",

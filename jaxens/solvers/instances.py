@@ -10,7 +10,7 @@ soft members :math:`S` adding :math:`\sum_{i\in S}\tfrac{\rho_i}2\lVert A_i^\top
 =============================  =====================================================================  ============================
 instance                       problem                                                                accepted by
 =============================  =====================================================================  ============================
-:class:`LinearProgram`         :math:`\min_{p\in\mathcal F} c^\top p`                                 ``ADMM``, ``EntropicNewton``
+:class:`LinearProgram`         :math:`\min_{p\in\mathcal F} c^\top p`                                 ``WorkingSet``, ``ADMM``, ``EntropicNewton``
 :class:`QuadraticProgram`      :math:`\min_{p\in\mathcal F} \tfrac12\lVert F^\top p\rVert^2 + c^\top p`   ``ADMM``
 :class:`EntropicProgram`       :math:`\min_{p\in\mathcal F} \mathrm{KL}(p\Vert\mathrm{softmax}(\theta))`  ``EntropicNewton``
 :class:`MixtureCrossEntropy`   :math:`\min_{p\in\mathcal F} -\sum_j s_j\log p_j`                      ``CrossEntropyNewton``
@@ -117,8 +117,8 @@ INSTANCES = (
 
 # instance type -> the solvers that accept it (names: this module imports no solver)
 ACCEPTED_BY: dict[type, tuple[str, ...]] = {
-    LinearProgram: ("ADMM", "EntropicNewton"),
-    QuadraticProgram: ("ADMM",),
+    LinearProgram: ("WorkingSet", "ADMM", "EntropicNewton"),
+    QuadraticProgram: ("WorkingSet", "ADMM"),
     EntropicProgram: ("EntropicNewton",),
     MixtureCrossEntropy: ("CrossEntropyNewton",),
     RatioProgram: ("ADMM",),

@@ -33,8 +33,8 @@ and the same factorisation (LU: XLA:CPU's Cholesky is an unblocked loop, 100x sl
 QP, separate primal and dual steps for an LP).
 
 **Stopping**: the merit, the largest of the relative primal and dual residuals and the
-relative complementarity :math:`z^\top s / (1 + |f|)`, at most ``tol``; or three steps that
-do not lower it by 10 % (the working precision's floor: float32 stalls near ``1e-5``), a
+relative complementarity :math:`z^\top s / (1 + |f|)`, at most ``tol``; or, once it is below ``1e-3``,
+three steps that do not lower it by 10 % (the working precision's floor: float32 stalls near ``1e-5``), a
 non-finite step, or ``max_iters``.  The iterate of smallest merit is returned.  Run it in float64 (the restricted problem is
 small): the normal matrix's conditioning grows like :math:`1/\mu`.
 """
@@ -195,7 +195,8 @@ def dense_qp_ipm(
         new = new._replace(
             best=jax.tree.map(lambda a, b: jnp.where(keep, a, b), (new.z, new.y, new.s), st.best),
             best_merit=jnp.minimum(mer, st.best_merit),
-            stall=jnp.where(better, 0, st.stall + 1),
+            # stalls count only near the end (early merits may rise before they fall)
+            stall=jnp.where(better | (st.best_merit > 1e-3), 0, st.stall + 1),
         )
         # stop at the tolerance, at a non-finite step, or after 3 steps without progress (the
         # working precision's floor); the best iterate is returned

@@ -78,7 +78,7 @@ class WorkingSet(AbstractSolver):
         at most ``v``).
       add: tokens brought in per round (``None``: ``K // 2``).
       max_rounds: the most restricted solves.
-      tol: relative gap for ``SOLVED`` (``None``: ``1e-5`` in float32, ``1e-9`` in float64).
+      tol: relative gap for ``SOLVED`` (``None``: ``5e-5`` in float32, ``1e-9`` in float64).
       tol_residual: ``||A_H^T p - m_H||_inf <= tol_residual * max(1, ||m_H||_inf)`` for ``SOLVED``
         (``None``: ``1e-5`` in float32, ``1e-9`` in float64).
       ipm_max_iters: the inner interior point's iteration cap per round.
@@ -110,7 +110,7 @@ class WorkingSet(AbstractSolver):
     def tolerances(self, dtype) -> tuple[float, float]:
         """``(tol, tol_residual)`` for the working ``dtype`` (explicit values win)."""
         wide = jnp.finfo(dtype).bits >= 64
-        tol = self.tol if self.tol is not None else (1e-9 if wide else 1e-5)
+        tol = self.tol if self.tol is not None else (1e-9 if wide else 5e-5)
         tr = self.tol_residual if self.tol_residual is not None else (1e-9 if wide else 1e-5)
         return tol, tr
 
@@ -155,7 +155,7 @@ def _factor_bound(problem: BottleneckProblem) -> int:
 
 def _initial_set(g0, Q, mask, K: int):
     """``K`` distinct tokens: half of most negative reduced cost under the least-squares duals
-    ``y = Q^T g0`` (the part of ``g0`` off the span), half of smallest cost ``g0``."""
+    ``y = Q^T g0`` (the part of the gradient ``g0`` off the span), half of smallest ``g0``."""
     d0 = g0 - Q @ (Q.T @ g0)
     half = K // 2
     score = jnp.where(mask, -d0, -jnp.inf)
@@ -177,6 +177,27 @@ def _crossover(E, x, g, beta, r: int):
     scale = jnp.max(jnp.abs(xB))
     ok = jnp.all(jnp.isfinite(xB)) & jnp.all(jnp.isfinite(y)) & (jnp.min(xB) >= -1e-6 * scale)
     return jnp.zeros_like(x).at[B].set(jnp.maximum(xB, 0.0)), y, ok
+
+
+def _residual_correction(E, x, beta, steps: int = 2):
+    """Scaled minimum-norm corrections of ``E x = beta`` that keep ``x``'s support and sign,
+    :math:`x \leftarrow x + XE^\top(EXE^\top)^{-1}(\beta - Ex)` (``X = diag(x)``), each kept
+    only if it lowers the residual (the interior point's float32 floor is ~1e-5)."""
+    eye = jnp.eye(E.shape[0], dtype=E.dtype)
+
+    def one(x, _):
+        xp = jnp.maximum(x, 0.0)
+        res = beta - E @ xp
+        EX = E * xp[None, :]
+        M = EX @ E.T
+        M = M + 1e-7 * (1.0 + jnp.max(jnp.abs(jnp.diag(M)))) * eye
+        y = jax.scipy.linalg.lu_solve(jax.scipy.linalg.lu_factor(M), res)
+        xn = jnp.maximum(xp + EX.T @ y, 0.0)
+        better = jnp.all(jnp.isfinite(xn)) & (jnp.max(jnp.abs(beta - E @ xn)) < jnp.max(jnp.abs(res)))
+        return jnp.where(better, xn, xp), None
+
+    x, _ = jax.lax.scan(one, x, None, length=steps)
+    return x
 
 
 @functools.partial(jax.jit, static_argnames=("solver",))
@@ -211,26 +232,35 @@ def _solve(solver: WorkingSet, problem: BottleneckProblem, c, F, mask, m, rho, w
     mh_scale = jnp.maximum(1.0, jnp.max(jnp.abs(prob.hard_moments(m0)), initial=0.0))
     qs = 1.0 / jnp.max(jnp.abs(Q))  # row scaling of the restricted constraints (entries ~ 1)
 
+    # the gradient at the uniform point scores the first set (for an LP it is the cost)
+    u = uniform_on(mask, dtype)
+    g_u = jnp.where(mask, g0 + (U @ (U.T @ u) if k else 0.0), 0.0)
     if warm is None:
-        S0 = _initial_set(g0, Q, mask, K)
+        S0 = _initial_set(g_u, Q, mask, K)
     else:
         warm = jnp.asarray(warm, jnp.int32)
         if warm.shape != (K,):
             raise ValueError(f"WorkingSet warm start must be {K} token ids, got shape {warm.shape}")
-        S0 = jnp.where(jnp.all(warm >= 0), warm, _initial_set(g0, Q, mask, K))
+        S0 = jnp.where(jnp.all(warm >= 0), warm, _initial_set(g_u, Q, mask, K))
 
-    def restricted(S):
+    # the elastic penalty must exceed the duals: 10x a bound of the gradient on the simplex,
+    # |g0_j + (U U^T p)_j| <= |g0_j| + max_l ||U_l||^2 (raised 10x whenever the elastic stays active)
+    grad_bound = 1.0 + jnp.max(jnp.abs(g0)) + (jnp.max(jnp.sum(U * U, axis=1)) if k else 0.0)
+
+    first_penalty = 10.0 * grad_bound
+
+    def restricted(S, penalty):
         valid = mask[S]
         E = (Q[S] * qs).T  # r x K
         GS = U[S]
         cS = g0[S]
-        penalty = 10.0 * (1.0 + jnp.max(jnp.abs(jnp.where(valid, cS, 0.0))))
         res = dense_qp_ipm(E, GS, cS, beta * qs, valid, penalty, tol=0.1 * tol, max_iters=solver.ipm_max_iters)
         x, y = res.x, res.y
         if solver.crossover and not k:
             xc, yc, ok = _crossover(E, x, cS, beta * qs, r)
             x, y = jnp.where(ok, xc, x), jnp.where(ok, yc, y)
-        return x, y * qs, res.iterations
+        x = _residual_correction(E, x, beta * qs)
+        return x, y * qs, res.iterations, jnp.max(jnp.abs(res.t)) / qs
 
     def price(S, x, y):
         p = jnp.zeros((v,), dtype).at[S].add(x)
@@ -243,8 +273,8 @@ def _solve(solver: WorkingSet, problem: BottleneckProblem, c, F, mask, m, rho, w
         return p, d, gap, resid
 
     def body(carry):
-        S, _, _, _, rounds, iters, _ = carry
-        x, y, it = restricted(S)
+        S, _, _, _, rounds, iters, _, penalty = carry
+        x, y, it, elastic = restricted(S, penalty)
         p, d, gap, resid = price(S, x, y)
         done = (gap <= tol) & (resid <= tol_res * mh_scale)
         # next set: the K - a largest of S, then the a most negative reduced costs outside S
@@ -253,8 +283,14 @@ def _solve(solver: WorkingSet, problem: BottleneckProblem, c, F, mask, m, rho, w
         inside = jnp.zeros((v,), bool).at[kept].set(True)
         _, new = jax.lax.top_k(jnp.where(inside | ~mask, -jnp.inf, -d), a)
         S_next = jnp.where(done, S, jnp.concatenate([kept, new.astype(jnp.int32)]))
-        stuck = jnp.min(d) >= 0.0  # no token can improve: the restricted optimum is global
-        return S_next, p, gap, resid, rounds + 1, iters + it, done | stuck | ~jnp.isfinite(gap)
+        # no token can improve: the restricted optimum is global (elastic off), or, with the
+        # elastic on at 1e4 x the first penalty, the row is infeasible (to be certified by the
+        # least-squares phase: status MAX_ITERS)
+        priced_out = jnp.min(d) >= 0.0
+        elastic_on = elastic > tol_res * mh_scale
+        stuck = priced_out & (~elastic_on | (penalty >= 1e4 * first_penalty))
+        penalty = jnp.where(elastic_on, 10.0 * penalty, penalty)
+        return S_next, p, gap, resid, rounds + 1, iters + it, done | stuck | ~jnp.isfinite(gap), penalty
 
     init = (
         S0,
@@ -264,9 +300,10 @@ def _solve(solver: WorkingSet, problem: BottleneckProblem, c, F, mask, m, rho, w
         jnp.zeros((), jnp.int32),
         jnp.zeros((), jnp.int32),
         jnp.zeros((), bool),
+        first_penalty,
     )
-    S, p, gap, resid, rounds, iters, _ = jax.lax.while_loop(
-        lambda cr: (~cr[-1]) & (cr[4] < solver.max_rounds), body, init
+    S, p, gap, resid, rounds, iters, _, _ = jax.lax.while_loop(
+        lambda cr: (~cr[6]) & (cr[4] < solver.max_rounds), body, init
     )
     p = jnp.where(mask, jnp.maximum(p, 0.0), 0.0)
     tot = jnp.sum(p)
