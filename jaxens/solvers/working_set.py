@@ -180,7 +180,7 @@ def _crossover(E, x, g, beta, r: int):
 
 
 def _residual_correction(E, x, beta, steps: int = 2):
-    """Scaled minimum-norm corrections of ``E x = beta`` that keep ``x``'s support and sign,
+    r"""Scaled minimum-norm corrections of ``E x = beta`` that keep ``x``'s support and sign,
     :math:`x \leftarrow x + XE^\top(EXE^\top)^{-1}(\beta - Ex)` (``X = diag(x)``), each kept
     only if it lowers the residual (the interior point's float32 floor is ~1e-5)."""
     eye = jnp.eye(E.shape[0], dtype=E.dtype)
