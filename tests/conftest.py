@@ -37,6 +37,10 @@ import jax  # noqa: E402
 # No implicit rank promotion: (n,) + (b, n) must be written with an explicit [None, :].
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+# The in-process CLI tests would turn on the persistent compilation cache for the whole session
+# (jaxens.cli.main); the tests of that cache set JAXENS_COMPILE_CACHE in their subprocesses.
+os.environ.setdefault("JAXENS_COMPILE_CACHE", "0")
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _x64_module(request):

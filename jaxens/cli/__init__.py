@@ -3,6 +3,11 @@
 Subcommands: ``generate`` (:mod:`jaxens.cli.generate`), ``train`` (:mod:`jaxens.cli.train`),
 ``eval`` (:mod:`jaxens.cli.eval`); the cross-tokenizer parts are :mod:`jaxens.cli.vocab`.
 A ``ValueError`` raised by a subcommand exits with status 2 and ``jaxens <command>: error: ...``.
+
+Before a subcommand runs, :func:`main` turns on jax's persistent compilation cache
+(:func:`jaxens.harness.compile_cache.enable_compile_cache`; every subcommand takes
+``--no-compile-cache``, and ``JAXENS_COMPILE_CACHE=0`` turns it off too) and silences the
+third-party notices a user cannot act on (:func:`jaxens.cli.quiet.quiet_third_party`).
 """
 
 from __future__ import annotations
@@ -11,7 +16,10 @@ import argparse
 
 from jaxens.cli.eval import add_eval_parser
 from jaxens.cli.generate import add_generate_parser
+from jaxens.cli.quiet import quiet_third_party
 from jaxens.cli.train import add_train_parser
+from jaxens.harness.compile_cache import ENV as COMPILE_CACHE_ENV
+from jaxens.harness.compile_cache import enable_compile_cache
 
 __all__ = ["build_parser", "main"]
 
@@ -22,13 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     add_train_parser(sub)
     add_eval_parser(sub)
+    for p in sub.choices.values():
+        p.add_argument("--no-compile-cache", action="store_true",
+                       help=f"compile without jax's persistent compilation cache (default: on, in "
+                            f"${COMPILE_CACHE_ENV} or <jaxens cache>/xla; {COMPILE_CACHE_ENV}=0 also turns it off)")
     return parser
 
 
 def main(argv=None) -> int:
+    quiet_third_party()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if not args.no_compile_cache:
+            enable_compile_cache()
         return args.func(args)
     except ValueError as e:
         parser.exit(2, f"jaxens {args.command}: error: {e}\n")
