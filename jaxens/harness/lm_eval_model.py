@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from jaxens.combiners.averaging import prob_average
 from jaxens.combiners.mixture import MixtureEnsemble
 from jaxens.decode import COMBINERS, Decoder, make_combiner
-from jaxens.decode.api import member_context, next_pow2
+from jaxens.decode.api import member_context, member_vocab, next_pow2
 from jaxens.harness.bpb import pivot_method, split_rows
 from jaxens.harness.evaluate.combine import jit_combiner, run_combiner
 from jaxens.harness.members import display_name, load_member, vocabularies_differ
@@ -143,8 +143,10 @@ class JaxensLM(TemplateLM):
         else:
             if combiner not in COMBINERS:
                 raise ValueError(f"unknown combiner {combiner!r}; known: {', '.join(sorted(COMBINERS))}")
+            self.vocab = min(member_vocab(m) for m in members)  # members that pad their tables
             opts = dict(options, weights=w)
             if combiner.startswith("bottleneck-"):
+                opts.setdefault("vocab_size", self.vocab)
                 if "hessian_topk" in opts:
                     opts["solver"] = default_solver(combiner.removeprefix("bottleneck-"),
                                                     hessian_topk=opts.pop("hessian_topk"))
@@ -156,7 +158,6 @@ class JaxensLM(TemplateLM):
                            if isinstance(self.combiner, MixtureEnsemble) else self.combiner)
             self._combine = jit_combiner(self.scorer)
             self.view = self.views[0]
-            self.vocab = min(v.vocab_size for v in self.views)
         self._decoders: dict = {}
 
     # ---------------------------------------------------------------- tokenization (TemplateLM)
@@ -336,7 +337,7 @@ class JaxensLM(TemplateLM):
                 if self.cross:
                     texts = dec.generate(prompts, n, seed=self.seed).texts
                 else:
-                    ids = [self.view.encode_prompt(p)[-self.max_length:] for p in prompts]
+                    ids = [(self.view.encode(p) or [self.prefix_token_id])[-self.max_length:] for p in prompts]
                     res = dec.generate(ids, n, seed=self.seed)
                     texts = [self.tok_decode(res.tokens[b, : res.lengths[b]]) for b in range(len(ids))]
                 for (i, _, until), text in zip(chunk, texts):

@@ -193,6 +193,23 @@ def test_cross_tokenizer_cloze(members, views, task_dir, method):
                                [x for x, _ in plain._loglikelihood_tokens(toks)], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("method", ["unite", "deepen", "safe"])
+def test_other_cross_methods_score_and_generate(members, views, method):
+    """UniTE, DeePEn and SAFE through the same paths: scores are log-probabilities (SAFE's
+    sharpened top-m rows may give a piece zero mass), generation is cut at ``until``."""
+    mb = ToyLM(ToyConfig(vocab_size=views[1].vocab_size, max_position_embeddings=512), seed=2)
+    k_all = min(v.vocab_size for v in views)  # UniTE keeps every token: no zero mass on random members
+    opts = {"deepen": {"max_anchors": 64}, "unite": {"k": k_all}}.get(method, {})
+    lm = JaxensLM(members=[members[0], mb], tokenizers=list(views), combiner=method, batch_size=8, **opts)
+    reqs = [Instance("loglikelihood", {}, ("the cat", " sat"), 0), Instance("loglikelihood", {}, ("", "the dog"), 1)]
+    scores = lm.loglikelihood(reqs)
+    assert all(x <= 0 and isinstance(g, bool) for x, g in scores)
+    if method != "safe":
+        assert all(np.isfinite(x) for x, _ in scores)
+    out = lm.generate_until([Instance("generate_until", {}, ("the cat", {"until": ["t"], "max_gen_toks": 3}), 0)])
+    assert isinstance(out[0], str) and "t" not in out[0]
+
+
 def test_model_args_from_the_command_line():
     argv = ["--model", "jaxens", "--model_args", "member=a,member=b,combiner=prob_average,weight=1,weight=3",
             "--tasks", "t"]
