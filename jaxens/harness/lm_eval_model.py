@@ -41,7 +41,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
