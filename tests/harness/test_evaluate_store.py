@@ -11,6 +11,7 @@ import pytest
 
 from jaxens.harness import evaluate as ev
 from jaxens.harness.evaluate import rows as ev_rows
+from jaxens.harness.evaluate import run as ev_run
 from jaxens.harness.evaluate.metrics import paired_bootstrap
 from jaxens.harness.evaluate.run import FewValidationRowsWarning
 from toy_models import ToyConfig, ToyLM
@@ -48,6 +49,13 @@ def test_rows_written_as_they_finish_and_resumed(setup, tmp_path, monkeypatch):
     c = ev.evaluate(members, val, test, cfg, names=["a", "b"], store=tmp_path)
     assert [r["combiner"] for r in c.rows] == [r["combiner"] for r in a.rows]
     assert c.rows[-1]["nll"] == pytest.approx(a.rows[-1]["nll"], abs=1e-6)
+    # more rows (another constraint set): the finished rows are reused, the new ones added
+    monkeypatch.setattr(ev_run, "average_rows", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    e = ev.evaluate(members, val, test, ev.EvalConfig(**{**CFG, "constraints": ("soft", "best")}), names=["a", "b"],
+                    store=tmp_path)
+    assert [r["combiner"] for r in e.rows][: len(a.rows)] == [r["combiner"] for r in a.rows]
+    assert len(e.rows) == len(a.rows) + 2
+    monkeypatch.undo()
     # other settings: the store starts afresh (the old rows are not reused)
     d = ev.evaluate(members, val, test, ev.EvalConfig(**{**CFG, "seed": 1}), names=["a", "b"], store=tmp_path)
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == len(d.rows)

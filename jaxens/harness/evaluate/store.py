@@ -3,7 +3,7 @@ r"""Finished rows on disk, so that a long ``jaxens eval`` survives and resumes (
 A store is a folder holding ``rows.jsonl`` (one finished row per line, with its per-position
 :math:`\log p(x_j)` for the paired intervals), ``table.md`` (the Markdown table of the finished
 rows, rewritten after each row) and ``key.json``: the hash of everything that determines the rows
-(the configuration, the member names, the token arrays of both splits).  Opening a store with the
+(the configuration minus the choice of rows, the member names, the token arrays of both splits).  Opening a store with the
 same key reuses its rows (a row is recomputed only if it is missing); any other key starts the
 store afresh (the old rows are never mixed with new ones)::
 
@@ -26,9 +26,15 @@ from jaxens.harness.reports import eval_table, json_safe
 NONFINITE = {"inf": float("inf"), "-inf": float("-inf"), "nan": float("nan")}
 
 
+# settings that only choose which rows run (a row's numbers do not depend on them): adding objectives or
+# constraint sets to a finished run reuses its rows
+SELECTION = ("progress", "objectives", "constraints", "learn", "learn_bottleneck")
+
+
 def run_key(config, names: Sequence[str], val_tokens, test_tokens) -> str:
-    """sha256 of the configuration (minus ``progress``), the member names and the tokens of both splits."""
-    cfg = {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
+    """sha256 of the configuration (minus the row selection :data:`SELECTION`), the member names
+    and the tokens of both splits."""
+    cfg = {k: v for k, v in dataclasses.asdict(config).items() if k not in SELECTION}
     h = hashlib.sha256(json.dumps({"config": json_safe(cfg), "members": list(names)}, sort_keys=True).encode())
     for split in (val_tokens, test_tokens):
         for t in split:
