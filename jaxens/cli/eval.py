@@ -48,6 +48,8 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     e.add_argument("--json", help="write the results as JSON")
     e.add_argument("--plot", help="write a PNG plot (needs matplotlib)")
+    e.add_argument("--store", help="folder for the finished rows (rows.jsonl, table.md), written as each row "
+                   "finishes; a rerun with the same settings resumes from them")
     e.add_argument("--no-progress", action="store_true")
     add_cross_eval_args(e)
     e.set_defaults(func=cmd_eval)
@@ -96,13 +98,18 @@ def cmd_eval(args, out=None, err=None) -> int:
     val_tokens = split_tokens(texts, tok, "validation")
     test_tokens = split_tokens(texts, tok, args.split)
     t0 = time.perf_counter()
-    result = evaluate(members, val_tokens, test_tokens, cfg, names, log=log)
+    result = evaluate(members, val_tokens, test_tokens, cfg, names, log=log, store=args.store)
     m = result.meta
     m["texts"] = [Path(t).name for t in texts]
     m["split"] = args.split
     m["wall_seconds"] = time.perf_counter() - t0
-    summary = (f"{m['test_rows']} {args.split} positions ({', '.join(m['texts'])}); "
-               f"best member on validation: {m['best_member']}; {m['wall_seconds']:.1f}s")
+    vs = m.get("best_member_vs_reference") or {}
+    versus = (f" (best member - reference: {vs['delta']:+.4f} [{vs['ci_low']:+.4f}, {vs['ci_high']:+.4f}])"
+              if vs.get("delta") is not None and vs.get("ci_low") is not None else "")
+    summary = (f"{m['test_rows']} {args.split} positions, {m['val_rows']} validation positions "
+               f"({', '.join(m['texts'])}); tuned reference: {m['reference']}; best member on validation: "
+               f"{m['best_member']}, on {args.split}: {m['best_member_test']}{versus}; intervals: {m['interval']}; "
+               f"{m['wall_seconds']:.1f}s")
     return _report(args, result, result.markdown(), summary, plot_eval, out)
 
 

@@ -64,17 +64,21 @@ def markdown(head: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
 
 
 def _dnll(r: dict) -> str:
-    d, se = r.get("dnll"), r.get("dnll_se")
+    """``Δ [ci_low, ci_high]`` (the paired bootstrap interval), else ``Δ ± s.e.``."""
+    d, se = r.get("delta", r.get("dnll")), r.get("dnll_se")
     if d is None:
         return "-"
     if isinstance(d, float) and math.isinf(d):
         return "inf"
+    lo, hi = r.get("ci_low"), r.get("ci_high")
+    if lo is not None and hi is not None:
+        return f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
     return f"{d:+.4f} ± {se:.4f}" if se is not None and se == se else f"{d:+.4f}"
 
 
 def eval_table(rows: Sequence[dict]) -> str:
     """The evaluation table in Markdown (one line per combiner)."""
-    head = ("combiner", "NLL", "ΔNLL vs tuned ± s.e.", "PPL", "inf rows", "NLL finite", "top-1", "ECE", "infeasible",
+    head = ("combiner", "NLL", "ΔNLL vs tuned [95% CI]", "PPL", "inf rows", "NLL finite", "top-1", "ECE", "infeasible",
             "not conv.", "iters", "lambda", "tok/s")
     lines = []
     for r in rows:

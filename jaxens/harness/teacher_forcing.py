@@ -74,6 +74,13 @@ def _target_logp(logp: Float[Array, "B v"], mask, target: Int[Array, " B"]) -> F
     return jnp.take_along_axis(lp, target[:, None], axis=-1)[:, 0]
 
 
+@jax.jit
+def _is_argmax(logp: Float[Array, "B v"], mask, target: Int[Array, " B"]):
+    """``argmax apply_mask(logp, mask) == target`` per row (the greedy choice is the observed entry)."""
+    x = apply_mask(logp, mask) if mask is not None else logp
+    return jnp.argmax(x, axis=-1) == target
+
+
 class ForcedEngine(CrossEngine):
     """A :class:`CrossEngine` driven by the caller (teacher forcing).
 
@@ -91,6 +98,7 @@ class ForcedEngine(CrossEngine):
         self.target_ids = np.zeros((B,), np.int32)
         self.target_union = np.zeros((B,), np.int32)
         self.recorded: list = []
+        self.greedy: list = []
         self.space: str | None = None  # "union" / "pivot": where the current method samples (None: by width)
 
     def logprobs(self, i: int) -> jax.Array:
@@ -115,6 +123,7 @@ class ForcedEngine(CrossEngine):
                 "needs the distribution on the pivot's vocabulary or on the union; use the method's main member as pivot"
             )
         self.recorded.append(_target_logp(logp, mask, jnp.asarray(tgt)))
+        self.greedy.append(_is_argmax(logp, mask, jnp.asarray(tgt)))
         return tgt.copy()
 
 
@@ -122,7 +131,8 @@ class ForcedResult(NamedTuple):
     """Per-row teacher-forced scores.
 
     ``logp[name][r]``: natural log-probability of each observed pivot token of row ``r`` under
-    ``name`` (``"pivot"``: the pivot member alone, raw softmax); ``seconds[name]``: time of the
+    ``name`` (``"pivot"``: the pivot member alone, raw softmax); ``greedy[name][r]``: whether each
+    observed entry is the argmax of that distribution; ``seconds[name]``: time of the
     method's combine (``"pivot"``: 0) and ``member_seconds[i]``: member ``i``'s forwards, both over
     the steps after the first, steps slower than 20x the median counted as the median (compiles, at
     the first step and at new chunk sizes, excluded); ``timed_positions``: positions scored in those steps; ``stats[name]``: method counters (e.g. SAFE's ``ensembled``).
@@ -135,6 +145,7 @@ class ForcedResult(NamedTuple):
     member_seconds: list
     timed_positions: int
     stats: dict
+    greedy: dict | None = None
 
 
 def _method_pivot(m: CrossMethod) -> int | None:
@@ -144,15 +155,17 @@ def _method_pivot(m: CrossMethod) -> int | None:
     return None
 
 
-def _me_fn(lps, maps, masks, w, u):
+def _me_fn(lps, maps, masks, w, u, union_size):
     tot = 0.0
+    mix = 0.0
     for lp, mp, mk, wi in zip(lps, maps, masks, w):
-        q = jnp.exp(jax.nn.log_softmax(apply_mask(lp, mk), axis=-1))
-        tot = tot + wi * jnp.sum(jnp.where(mp[None, :] == u[:, None], q, 0.0), axis=-1)
-    return jnp.log(tot)
+        q = jax.nn.log_softmax(apply_mask(lp, mk), axis=-1)
+        tot = tot + wi * jnp.sum(jnp.where(mp[None, :] == u[:, None], jnp.exp(q), 0.0), axis=-1)
+        mix = mix + wi * to_union_probs(q, mp, union_size)
+    return jnp.log(tot), jnp.argmax(mix, axis=-1) == u
 
 
-_me_jit = jax.jit(_me_fn)
+_me_jit = jax.jit(_me_fn, static_argnums=(5,))
 
 
 class _MEScorer:
@@ -167,7 +180,9 @@ class _MEScorer:
 
     def __call__(self, eng: ForcedEngine):
         lps = [eng.logprobs(i) for i in range(eng.num_members)]
-        return _me_jit(lps, self.maps, self.masks, self.w, jnp.asarray(eng.target_union)), {}
+        lt, greedy = _me_jit(lps, self.maps, self.masks, self.w, jnp.asarray(eng.target_union),
+                             eng.alignment.union_size)
+        return lt, {"_greedy": greedy}
 
 
 class _SAFEScorer:
@@ -199,6 +214,7 @@ class _SAFEScorer:
         m, d = self.m, self.d
         lp_d = eng.logprobs(d)
         out = np.array(_target_logp(lp_d, self.dmask, jnp.asarray(eng.target_ids)), np.float64)
+        greedy = np.array(_is_argmax(lp_d, self.dmask, jnp.asarray(eng.target_ids)))
         top = np.asarray(jnp.max(lp_d, axis=-1))
         arg = np.asarray(jnp.argmax(lp_d, axis=-1))
         eos = eng.view(d).eos_ids
@@ -222,12 +238,13 @@ class _SAFEScorer:
                 if m.sharpen:
                     p = sharpen(p, [al.piece(u) for u in idx[b]])
                 hit = idx[b] == eng.target_union[b]
+                greedy[b] = bool(hit[int(np.argmax(p))])
                 q = p[hit].sum() / p.sum()
                 out[b] = np.log(q) if q > 0 else -np.inf
                 if q <= 0:
                     zero_sharpened += int(hit.any())  # in the top m, its mass moved to a same-word entry
                     zero_outside += int(not hit.any())  # not among the top m
-        return out, {"consulted": int(uncertain.sum()), "ensembled": int(ens.sum()),
+        return out, {"_greedy": greedy, "consulted": int(uncertain.sum()), "ensembled": int(ens.sum()),
                      "zero_outside_top_m": zero_outside, "zero_sharpened": zero_sharpened}
 
 
@@ -296,6 +313,7 @@ def teacher_forced_log_probs(members, tokenizers, methods: Mapping[str, CrossMet
               for name, m in methods.items()}
     names = ["pivot"] + list(methods)
     logp = {k: [np.zeros(len(t)) for t in ids] for k in names}
+    greedy = {k: [np.zeros(len(t), bool) for t in ids] for k in names}
     steps_s = {k: [] for k in names}  # per-step seconds (steps after the first)
     member_steps = [[] for _ in range(n)]
     stats = {k: {} for k in methods}
@@ -315,13 +333,15 @@ def teacher_forced_log_probs(members, tokenizers, methods: Mapping[str, CrossMet
             if k > 0:
                 member_steps[i].append(time.perf_counter() - t0)
         vals = {"pivot": _target_logp(eng.logprobs(pivot), None, jnp.asarray(eng.target_ids))}
+        argmax = {"pivot": _is_argmax(eng.logprobs(pivot), None, jnp.asarray(eng.target_ids))}
         for name, m in methods.items():
             t0 = time.perf_counter()
             key, sub = jax.random.split(key)
             if scorers[name] is not None:
                 v, info = scorers[name](eng)
+                argmax[name] = info.pop("_greedy")
             else:
-                eng.recorded = []
+                eng.recorded, eng.greedy = [], []
                 eng.space = spaces[name]
                 _, info = m.step(eng, sub)
                 if len(eng.recorded) != 1:
@@ -329,6 +349,7 @@ def teacher_forced_log_probs(members, tokenizers, methods: Mapping[str, CrossMet
                         f"method {name!r} sampled {len(eng.recorded)} times in one step; teacher forcing needs one "
                         "combined distribution per step")
                 v = eng.recorded[0]
+                argmax[name] = eng.greedy[0]
             v = np.asarray(v, np.float64)
             if k > 0:
                 steps_s[name].append(time.perf_counter() - t0)
@@ -338,12 +359,14 @@ def teacher_forced_log_probs(members, tokenizers, methods: Mapping[str, CrossMet
                     stats[name][c] = stats[name].get(c, 0) + x
         for name, v in vals.items():
             v = np.asarray(v, np.float64)
+            g = np.asarray(argmax[name])
             for b in np.nonzero(act)[0]:
                 logp[name][b][k] = v[b]
+                greedy[name][b][k] = g[b]
         if k > 0:
             timed += int(act.sum())
         bar.update(1)
     bar.close()
     seconds = {k: _robust_total(v) for k, v in steps_s.items()}
     member_seconds = [_robust_total(v) for v in member_steps]
-    return ForcedResult(ids, [len(x) for x in xs], logp, seconds, member_seconds, timed, stats)
+    return ForcedResult(ids, [len(x) for x in xs], logp, seconds, member_seconds, timed, stats, greedy)

@@ -17,6 +17,9 @@ from jaxens.models.forward import token_nll
 from jaxens.problem import make_problem
 from toy_models import ToyConfig, ToyLM
 
+# the toy splits have far fewer validation rows than a reliable choice needs (tested in test_evaluate_store.py)
+pytestmark = pytest.mark.filterwarnings("ignore::jaxens.harness.evaluate.run.FewValidationRowsWarning")
+
 V = 64
 CFG = dict(context=16, stride=8, positions=10, val_positions=8, batch_rows=8, learn_steps=15, progress=False)
 

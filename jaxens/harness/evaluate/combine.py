@@ -13,7 +13,6 @@ infeasible.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -34,15 +33,39 @@ class CombinerRun(NamedTuple):
     compile_seconds: float
 
 
-def jit_combiner(combiner: Combiner) -> Callable:
+class JitCombiner:
+    """``jit(combine)`` returning ``(log_probs, info)``, compiled ahead of time once per input shape
+    (:meth:`compiled`), so that no batch runs twice to keep the compile out of a timing."""
+
+    def __init__(self, combiner: Combiner):
+        self.fn = jax.jit(lambda xs, st: combiner.combine(list(xs), st)[::2])
+        self._compiled: dict = {}
+        self.compile_seconds = 0.0  # of the last new compile
+
+    def compiled(self, xs, state):
+        key = tuple((x.shape, x.dtype) for x in xs)
+        if key not in self._compiled:
+            t0 = time.perf_counter()
+            self._compiled[key] = self.fn.lower(xs, state).compile()
+            self.compile_seconds = time.perf_counter() - t0
+        return self._compiled[key]
+
+    def __call__(self, xs, state):
+        return self.compiled(xs, state)(xs, state)
+
+
+def jit_combiner(combiner: Combiner) -> JitCombiner:
     """``jit(combine)`` returning ``(log_probs, info)``; reuse it across calls of :func:`run_combiner`."""
-    return jax.jit(lambda xs, st: combiner.combine(list(xs), st)[::2])
+    return JitCombiner(combiner)
 
 
 def run_combiner(combiner: Combiner, logits: np.ndarray, batch_rows: int = 16, progress: bool = False,
-                 desc: str = "", fn: Callable | None = None) -> CombinerRun:
+                 desc: str = "", fn: JitCombiner | None = None) -> CombinerRun:
     """``combiner.combine`` over the cached rows ``logits`` ``(n, P, v)`` in padded batches of
-    ``batch_rows`` (cold starts: rows are independent positions).  ``fn``: from :func:`jit_combiner`."""
+    ``batch_rows`` (cold starts: rows are independent positions), a tqdm bar over the batches
+    when ``progress``.  ``fn``: from :func:`jit_combiner`.  The compile runs ahead of time (its
+    seconds are ``compile_seconds``, 0 when ``fn`` had compiled this shape before); every batch is
+    solved once and timed."""
     n, P, v = logits.shape
     B = batch_rows
     nb = -(-P // B)
@@ -50,34 +73,34 @@ def run_combiner(combiner: Combiner, logits: np.ndarray, batch_rows: int = 16, p
     x = np.concatenate([logits, np.repeat(logits[:, -1:], pad, axis=1)], axis=1) if pad else logits
     fn = fn or jit_combiner(combiner)
 
-    def call(b):
-        xs = tuple(jnp.asarray(x[i, b * B : (b + 1) * B]) for i in range(n))
-        return jax.block_until_ready(fn(xs, combiner.init(B)))
+    def inputs(b):
+        return tuple(jnp.asarray(x[i, b * B : (b + 1) * B]) for i in range(n)), combiner.init(B)
 
-    t0 = time.perf_counter()
-    first = call(0)
-    compile_s = time.perf_counter() - t0
-    outs = [first]
+    before = dict(fn._compiled)
+    exe = fn.compiled(*inputs(0))
+    compile_s = fn.compile_seconds if len(fn._compiled) > len(before) else 0.0
+    outs = []
     bar = progress_bar(total=nb, desc=desc or "combine", disable=not progress, leave=False)
-    bar.update(1)
-    t0 = time.perf_counter()
-    for b in range(1, nb):
-        outs.append(call(b))
+    spent = 0.0
+    for b in range(nb):
+        xs, st = inputs(b)
+        t0 = time.perf_counter()
+        outs.append(jax.block_until_ready(exe(xs, st)))
+        spent += time.perf_counter() - t0
         bar.update(1)
-    if nb == 1:  # time a second call of the only batch
-        call(0)
     bar.close()
-    per_row = (time.perf_counter() - t0) / (max(nb - 1, 1) * B)
+    per_row = spent / (nb * B)
     logp = np.concatenate([np.asarray(o[0], np.float32) for o in outs])[:P]
     info = [o[1] for o in outs]
     status = iters = None
     if hasattr(info[0], "status"):
         status = np.concatenate([np.asarray(i.status) for i in info])[:P]
         iters = np.concatenate([np.asarray(i.iterations) for i in info])[:P]
-    return CombinerRun(logp, status, iters, per_row, max(compile_s - per_row * B, 0.0))
+    return CombinerRun(logp, status, iters, per_row, compile_s)
 
 
-def run_feasible_rows(comb, logits, batch_rows, fn, status, p_ls, ls_seconds_per_row) -> CombinerRun:
+def run_feasible_rows(comb, logits, batch_rows, fn, status, p_ls, ls_seconds_per_row, progress: bool = False,
+                      desc: str = "") -> CombinerRun:
     """:func:`run_combiner` on the rows the least-squares phase did not prove infeasible; the
     infeasible rows get the least-squares distribution with status ``INFEASIBLE`` (what the
     combiner itself returns for them).  ``comb`` runs without its own least-squares phase
@@ -91,7 +114,7 @@ def run_feasible_rows(comb, logits, batch_rows, fn, status, p_ls, ls_seconds_per
     keep = np.nonzero(~infeasible)[0]
     per_row, compile_s = 0.0, 0.0
     if keep.size:
-        run = run_combiner(comb, logits[:, keep], min(batch_rows, keep.size), fn=fn)
+        run = run_combiner(comb, logits[:, keep], batch_rows, fn=fn, progress=progress, desc=desc)
         logp[keep] = run.logp
         out_status[keep] = run.status
         iters[keep] = run.iterations
@@ -99,7 +122,8 @@ def run_feasible_rows(comb, logits, batch_rows, fn, status, p_ls, ls_seconds_per
     return CombinerRun(logp, out_status, iters, per_row + ls_seconds_per_row, compile_s)
 
 
-def feasibility_rows(problem, logits: np.ndarray, batch_rows: int, solver=None) -> tuple[np.ndarray, np.ndarray]:
+def feasibility_rows(problem, logits: np.ndarray, batch_rows: int, solver=None,
+                     progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The least-squares phase of the hard constraints for every cached row (``(n, P, v)`` logits).
 
     Returns ``(status (P,), p_ls (P, v))``: what :func:`jaxens.combiners.bottleneck.solve_row`
@@ -120,9 +144,12 @@ def feasibility_rows(problem, logits: np.ndarray, batch_rows: int, solver=None) 
         return sol.status, sol.p
 
     status, ps = [], []
+    bar = progress_bar(total=-(-P // batch_rows), desc="least-squares phase", disable=not progress, leave=False)
     for b in range(0, P, batch_rows):
         x = jnp.asarray(np.moveaxis(logits[:, b : b + batch_rows], 0, 1), problem.A.dtype)
         st, p = run(x)
         status.append(np.asarray(st))
         ps.append(np.asarray(p, np.float32))
+        bar.update(1)
+    bar.close()
     return np.concatenate(status), np.concatenate(ps)

@@ -5,8 +5,10 @@ r"""Scores of a combiner's rows :math:`\log p(\cdot \mid x_{<j})` against the ob
 * ``top1``       :math:`\frac1P\sum_j [\arg\max p = x_j]`;
 * ``ece``        expected calibration error of the confidence :math:`\max_k p_k` with ``bins`` equal
   bins: :math:`\sum_b \frac{|b|}{P}\,|\mathrm{acc}(b) - \mathrm{conf}(b)|`;
-* ``dnll``       paired difference to a reference row, :math:`\frac1P\sum_j \log p_\mathrm{ref}(x_j) - \log p(x_j)`,
-  and its standard error.
+* ``delta`` (= ``dnll``) paired difference to a reference row,
+  :math:`\Delta = \frac1P\sum_j \log p_\mathrm{ref}(x_j) - \log p(x_j)` (negative: better than the
+  reference), its standard error ``dnll_se`` and ``ci_low`` / ``ci_high``: the 95 % paired block
+  bootstrap interval (:func:`paired_bootstrap`).
 
 Smoothing: :math:`\log((1-\lambda) p^\star + \lambda q)` from the two log-probabilities.
 """
@@ -87,14 +89,40 @@ def smooth_logp(logp_star: np.ndarray, logq: np.ndarray, lam: float) -> np.ndarr
         return np.logaddexp(np.log1p(-lam) + logp_star, np.log(lam) + logq).astype(np.float32)
 
 
-def paired_differences(rows: list[dict]) -> str | None:
-    """Add ``dnll``/``dnll_se`` to every row: the mean over test rows of
-    ``-log p(obs) - (-log p_ref(obs))`` and its standard error (paired: same positions), against
-    the tuned simple combiner ``ref`` (the learned logit / probability average with the lower
-    validation NLL; the uniform logit average without learning).  Drops the per-row data."""
-    learned = [r for r in rows if r["kind"] == "learned" and "val_nll" in r]
-    ref = min(learned, key=lambda r: r["val_nll"]) if learned else next(
+def paired_bootstrap(d: np.ndarray, blocks: np.ndarray, resamples: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> tuple[float, float]:
+    r"""Percentile interval of the mean of the paired differences ``d`` ``(P,)`` under a block
+    bootstrap: the blocks (``blocks[j]``: row ``j``'s block id) are drawn with replacement, and
+    the statistic is :math:`\sum_{b \in \text{draw}} S_b / \sum_{b \in \text{draw}} N_b` (``S_b``,
+    ``N_b``: sum of ``d`` and rows of block ``b``).  Blocks keep dependent rows together (rows
+    whose targets are close in the same text share most of their context); the same ``seed`` draws
+    the same blocks for every combiner, so intervals of different rows are paired too."""
+    d = np.asarray(d, np.float64)
+    _, inv = np.unique(np.asarray(blocks), return_inverse=True)
+    sums, counts = np.bincount(inv, weights=d), np.bincount(inv).astype(np.float64)
+    K = sums.size
+    idx = np.random.default_rng(seed).integers(0, K, size=(resamples, K))
+    stat = sums[idx].sum(1) / counts[idx].sum(1)
+    a = (1.0 - level) / 2
+    lo, hi = np.quantile(stat, [a, 1.0 - a])
+    return float(lo), float(hi)
+
+
+def reference_row(rows: list[dict]) -> dict | None:
+    """The tuned simple combiner: the learned logit / probability average with the lower validation
+    NLL (the uniform logit average without learning)."""
+    learned = [r for r in rows if r["kind"] == "learned" and "val_nll" in r and "_lt" in r]
+    return min(learned, key=lambda r: r["val_nll"]) if learned else next(
         (r for r in rows if r["combiner"] == "logit_average"), None)
+
+
+def paired_differences(rows: list[dict], blocks: np.ndarray | None = None, resamples: int = 2000,
+                       seed: int = 0) -> str | None:
+    """Add ``delta`` (also ``dnll``), ``dnll_se``, ``ci_low``, ``ci_high`` to every row: the mean
+    over test rows of ``-log p(obs) - (-log p_ref(obs))``, its standard error and its 95 % paired
+    bootstrap interval over ``blocks`` (:func:`paired_bootstrap`; ``None``: every row its own
+    block), against :func:`reference_row`.  Drops the per-row data; returns the reference's name."""
+    ref = reference_row(rows)
     for r in rows:
         lt = r.get("_lt")
         if ref is None or lt is None:
@@ -102,10 +130,13 @@ def paired_differences(rows: list[dict]) -> str | None:
         with np.errstate(invalid="ignore"):
             d = -np.asarray(lt) + np.asarray(ref["_lt"])
         if np.all(np.isfinite(d)):
-            r["dnll"] = float(np.mean(d))
+            r["delta"] = r["dnll"] = float(np.mean(d))
             r["dnll_se"] = float(np.std(d, ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+            b = np.arange(d.size) if blocks is None else blocks
+            r["ci_low"], r["ci_high"] = paired_bootstrap(d, b, resamples, seed)
         else:
-            r["dnll"], r["dnll_se"] = float("inf"), float("nan")
+            r["delta"] = r["dnll"] = r["ci_low"] = r["ci_high"] = float("inf")
+            r["dnll_se"] = float("nan")
     for r in rows:
         r.pop("_lt", None)
     return None if ref is None else ref["combiner"]

@@ -81,6 +81,7 @@ def member_rows(val, test, names, member_s) -> tuple[list[dict], list[float]]:
         lp = np.asarray(jax.nn.log_softmax(jnp.asarray(test.logits[i]), axis=-1))
         rows.append(make_row(f"member {names[i]}", "member", summarize(row_scores(lp, test.targets)),
                              tok_s=tok_s(member_s[i], 0.0)))
+        rows[-1]["val_nll"] = val_nll[-1]
     return rows, val_nll
 
 
@@ -107,9 +108,11 @@ def average_rows(test, batch_rows, all_cost, member_s) -> list[dict]:
     return rows
 
 
-def bottleneck_rows(members, v, val, test, cfg: EvalConfig, best, names, all_cost, log) -> list[dict]:
+def bottleneck_rows(members, v, val, test, cfg: EvalConfig, best, names, all_cost, log, store=None) -> list[dict]:
     """Every objective of ``cfg.objectives`` under every constraint set of ``cfg.constraints``, each
-    row also smoothed towards the uniform logit average with ``lambda`` chosen on validation."""
+    row also smoothed towards the uniform logit average with ``lambda`` chosen on validation.
+    ``store`` (:class:`~jaxens.harness.evaluate.store.RowStore`): finished rows are taken from it
+    and new ones recorded as each finishes."""
     n = len(members)
     Ws, bs = unembeddings(members, v)
     sets = {
@@ -127,19 +130,32 @@ def bottleneck_rows(members, v, val, test, cfg: EvalConfig, best, names, all_cos
     bar = progress_bar(total=len(jobs), desc="bottleneck combiners", disable=not cfg.progress)
     for cset in cfg.constraints:
         s = sets[cset]
+        todo = []
+        for objective in cfg.objectives:
+            name = f"bn:{objective} [{s['label']}]"
+            done = [store.get(x) for x in (name, f"{name} +smooth")] if store is not None else [None]
+            if all(r is not None for r in done) or (done[0] is not None and "nll" not in done[0]):
+                rows += [r for r in done if r is not None]  # finished (or skipped) in an earlier run
+                bar.update(1)
+            else:
+                todo.append(objective)
+        if not todo:
+            continue
         problem = make_problem(Ws, bs, hard=s["hard"], soft=s["soft"], dtype=jnp.float32)
         feas = None
         if s["hard"] == "all" and n > 1:
             # one hard member is always feasible (its own p_i); several may not be: decide once
             t_start = time.perf_counter()
-            feas = {split: feasibility_rows(problem, data.logits, cfg.batch_rows, least_squares_solver(cfg))
+            feas = {split: feasibility_rows(problem, data.logits, cfg.batch_rows, least_squares_solver(cfg),
+                                            progress=cfg.progress)
                     for split, data in (("val", val), ("test", test))}
             ls_s = (time.perf_counter() - t_start) / (val.logits.shape[1] + test.logits.shape[1])
             log(f"hard=all least-squares phase: {time.perf_counter() - t_start:.1f}s, infeasible "
                 f"{np.mean(feas['test'][0] == 2):.2f} of test rows")
-        for objective in cfg.objectives:
+        for objective in todo:
             name = f"bn:{objective} [{s['label']}]"
             bar.set_postfix_str(name)
+            put = store.put if store is not None else (lambda r: r)
             try:
                 # The combiner's own least-squares phase is never needed here: with several hard
                 # members the verdict was decided above; one hard member is always feasible (its
@@ -149,16 +165,19 @@ def bottleneck_rows(members, v, val, test, cfg: EvalConfig, best, names, all_cos
                                   check_feasibility=False)
                 fn = jit_combiner(comb)
                 t_start = time.perf_counter()
+                pg = dict(progress=cfg.progress)
                 if feas is None:
-                    rv = run_combiner(comb, val.logits, cfg.batch_rows, fn=fn)
-                    rt = run_combiner(comb, test.logits, cfg.batch_rows, fn=fn)
+                    rv = run_combiner(comb, val.logits, cfg.batch_rows, fn=fn, desc=f"{name} validation", **pg)
+                    rt = run_combiner(comb, test.logits, cfg.batch_rows, fn=fn, desc=f"{name} test", **pg)
                 else:
-                    rv = run_feasible_rows(comb, val.logits, cfg.batch_rows, fn, *feas["val"], ls_s)
-                    rt = run_feasible_rows(comb, test.logits, cfg.batch_rows, fn, *feas["test"], ls_s)
+                    rv = run_feasible_rows(comb, val.logits, cfg.batch_rows, fn, *feas["val"], ls_s,
+                                           desc=f"{name} validation", **pg)
+                    rt = run_feasible_rows(comb, test.logits, cfg.batch_rows, fn, *feas["test"], ls_s,
+                                           desc=f"{name} test", **pg)
                 log(f"{name}: {time.perf_counter() - t_start:.1f}s (compile {rv.compile_seconds:.1f}s, "
                     f"{rt.seconds_per_row:.3f}s/row, infeasible {np.mean(rt.status == 2):.2f})")
             except (ValueError, TypeError, NotImplementedError) as e:  # objective/solver does not support the set
-                rows.append(make_row(name, "bottleneck", {}, tok_s=None, note=f"skipped: {e}"))
+                rows.append(put(make_row(name, "bottleneck", {}, tok_s=None, note=f"skipped: {e}")))
                 log(f"{name}: skipped ({e})")
                 bar.update(1)
                 continue
@@ -168,14 +187,17 @@ def bottleneck_rows(members, v, val, test, cfg: EvalConfig, best, names, all_cos
             speed = 1.0 / (all_cost + rt.seconds_per_row)
             rows.append(make_row(name, "bottleneck", summary, tok_s=speed, **stats))
             rows[-1]["compile_s"] = rv.compile_seconds
+            put(rows[-1])
             # lambda on validation (NLL of the observed token only: no new solve)
             lt_val = row_scores(rv.logp, val.targets).logp_target
             nlls = [float(-np.mean(smooth_target_logp(lt_val, lq_val, lam))) for lam in cfg.lambda_grid]
             k = int(np.argmin(nlls))
             lam = cfg.lambda_grid[k]
             sm = smooth_logp(rt.logp, lq_test_full, lam)
-            rows.append(make_row(f"{name} +smooth", "bottleneck+smooth", summarize(row_scores(sm, test.targets)),
-                             tok_s=speed, lam=lam, **stats, note=f"lambda from validation (val NLL {nlls[k]:.3f})"))
+            rows.append(put(make_row(f"{name} +smooth", "bottleneck+smooth", summarize(row_scores(sm, test.targets)),
+                                     tok_s=speed, lam=lam, **stats,
+                                     note=f"lambda from validation (val NLL {nlls[k]:.3f})")))
             bar.update(1)
     bar.close()
-    return rows
+    order = [f"bn:{o} [{sets[c]['label']}]{x}" for c in cfg.constraints for o in cfg.objectives for x in ("", " +smooth")]
+    return sorted(rows, key=lambda r: order.index(r["combiner"]) if r["combiner"] in order else len(order))
