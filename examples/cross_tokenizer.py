@@ -37,7 +37,7 @@ def main():
     methods = {"gac": GaC(), "unite": UniTE(k=10), "deepen": DeePEn(mode="topk", k=128, max_anchors=4096),
                "safe": SAFE(confidence=0.5, disagreement=0.5), "me": MECross()}
     for name in args.methods:
-        sampler = Sampler(temperature=0.7, top_p=0.9) if name == "me" else Sampler(greedy=True)
+        sampler = Sampler(temperature=0.7) if name == "me" else Sampler(greedy=True)  # ME: exact only untruncated
         dec = CrossDecoder([smol, gemma], [smol_tok, gemma_tok], methods[name], sampler, alignment=al)
         t0 = time.perf_counter()
         out = dec.generate(PROMPTS, args.new_tokens, seed=0)
