@@ -15,7 +15,8 @@ from jaxens.harness.data import data_root, read_text, split_part, split_tokens
 from jaxens.harness.eval_cross import CROSS_EVAL_METHODS, CrossEvalConfig, evaluate_cross
 from jaxens.harness.evaluate import CONSTRAINT_SETS, DEFAULT_MEMBERS, DEFAULT_TEXTS, SPLITS, EvalConfig, evaluate
 from jaxens.harness.members import display_name, vocabularies_differ
-from jaxens.harness.reports import bpb_table, plot_bpb, plot_eval, write_json
+from jaxens.harness.plots import PLOT_INSTALL, plot_bpb, plot_eval, pyplot
+from jaxens.harness.reports import bpb_table, write_json
 from jaxens.objectives import OBJECTIVES
 
 
@@ -47,7 +48,7 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     e.add_argument("--json", help="write the results as JSON")
-    e.add_argument("--plot", help="write a PNG plot (needs matplotlib)")
+    e.add_argument("--plot", help="write a PNG plot (needs matplotlib: pip install 'jaxens[plot]')")
     e.add_argument("--no-progress", action="store_true")
     add_cross_eval_args(e)
     e.set_defaults(func=cmd_eval)
@@ -67,6 +68,11 @@ def _report(args, result, table: str, summary: str, plot, out) -> int:
 def cmd_eval(args, out=None, err=None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
+    if args.plot:  # before anything is loaded or evaluated
+        try:
+            pyplot()
+        except ImportError:
+            raise ValueError(f"--plot needs matplotlib, which is not installed: {PLOT_INSTALL} (or drop --plot)") from None
     cfg = EvalConfig(
         context=args.context, stride=args.stride, positions=args.positions, val_positions=args.val_positions,
         batch_rows=args.batch_rows, seed=args.seed, objectives=tuple(args.objectives or ()),
