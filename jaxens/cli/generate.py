@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxens.cli.chat import apply_chat, chat_template_member
 from jaxens.cli.output import JsonlWriter, TextStream, echo, header, record
-from jaxens.cli.stats import COMPILE_NOTICE, STALL_NOTICE, Notice, format_stats, summarize, timed_decode
+from jaxens.cli.stats import COMPILE_NOTICE, Notice, format_stats, summarize, timed_decode
 from jaxens.cli.vocab import cross_generate_cli, wants_cross
 from jaxens.vocab import CROSS_METHODS
 from jaxens.decode import COMBINERS, Decoder, make_combiner
@@ -256,7 +256,7 @@ def _same_vocab(args, prompts, texts, loaded, out, err, jsonl) -> None:
             out.write(header("prompt", None) + prompts[0] + "\n" + header("completion", None))
             out.flush()
             stream = TextStream(tok, out)
-        with Notice(err, COMPILE_NOTICE if k == 0 else None, later=STALL_NOTICE if k == 0 else None) as notice:
+        with Notice(err, COMPILE_NOTICE if k == 0 else None) as notice:  # the loop compiles once, before step 1
             run = timed_decode(decoder, [ids[r] for r in rows], args.max_new_tokens, seed=args.seed,
                                on_chunk=None if stream is None else (lambda chunk: stream.add(chunk[0])),
                                chunk_steps=args.chunk_steps, notice=notice)

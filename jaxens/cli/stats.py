@@ -32,15 +32,16 @@ from jaxens.solvers.solution import Status
 
 NOTICE_AFTER_S = 3.0  # seconds of silence before a notice
 COMPILE_NOTICE = "compiling the decode loop (first run; cached afterwards) ..."
-STALL_NOTICE = "still working: a new shape is being compiled (once per shape; cached afterwards) ..."
+STALL_NOTICE = ("still working: no new text for a few seconds (across tokenizers a new input length compiles once; "
+                "later steps of that length are fast) ...")
 
 
 class Notice:
     """A one-line message on ``err`` when :meth:`kick` has not been called for ``after`` seconds.
 
     ``message`` is printed once per wait; after :meth:`kick`, ``later`` (if given) is the message
-    of the next wait; ``after`` defaults to :data:`NOTICE_AFTER_S`.  Use as a context manager or
-    call :meth:`stop`.
+    of the next waits, printed once at most; ``after`` defaults to :data:`NOTICE_AFTER_S`.  Use as
+    a context manager or call :meth:`stop`.
     """
 
     def __init__(self, err, message: str | None, after: float | None = None, later: str | None = None):
@@ -56,6 +57,8 @@ class Notice:
             self.err.write(f"[jaxens] {message}\n")
             self.err.flush()
             self.printed += 1
+            if message == self.later:
+                self.later = None
 
     def _arm(self) -> None:
         if self.message is None:
@@ -65,7 +68,8 @@ class Notice:
         self._timer.start()
 
     def kick(self) -> None:
-        """Something happened (a chunk was printed): restart the clock with the ``later`` message."""
+        """Something happened (a chunk was printed): restart the clock with the ``later`` message
+        (printed at most once: a slow steady decode is not announced at every chunk)."""
         self.stop()
         self.message = self.later
         self._arm()
