@@ -298,3 +298,13 @@ def test_eval_plot_without_matplotlib_is_an_error(monkeypatch, capsys, tmp_path)
         cli.main(["eval", "--member", "toy0", "--plot", str(tmp_path / "eval.png")])
     assert e.value.code == 2  # before any member is loaded
     assert "pip install 'jaxens[plot]'" in capsys.readouterr().err and not (tmp_path / "eval.png").exists()
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "train"])
+def test_help_shows_defaults(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    want = {"generate": "(default: logit_average)", "eval": "(default: 128)", "train": "(default: 300)"}[command]
+    assert want in text
