@@ -1,44 +1,43 @@
 """Ensemble decoding on a device mesh: batch-parallel rows, vocabulary-sharded bottleneck solve.
 
-Runs on one CPU by faking 8 devices (the flag must be set before jax is imported; done here when
-absent), on one host with several GPUs/TPUs as is, and on several hosts with
-``--coordinator/--num-processes/--process-id`` (see docs/sharding.md)::
+On a CPU the devices are virtual (``--xla_force_host_platform_device_count``, set here from the
+mesh size before jax is imported); on one host with several GPUs/TPUs it runs as is, and on
+several hosts with ``--coordinator/--num-processes/--process-id`` (see docs/sharding.md)::
 
-    python examples/sharded_decode.py                                  # 8 CPU devices: batch 2 x vocab 4
-    python examples/sharded_decode.py --batch-axis 8 --vocab-axis 1    # pure data parallelism
+    python examples/sharded_decode.py                                  # 2 rows on batch 2 x vocab 2
+    python examples/sharded_decode.py --batch-axis 8 --vocab-axis 1 --prompts 8   # data parallelism
     python examples/sharded_decode.py --batch-axis 2 --vocab-axis 1 --model-axis 4 --combiner logit_average
     python examples/sharded_decode.py --check                          # also decode on 1 device, compare
 
     # two hosts (run on each, same arguments except --process-id):
     python examples/sharded_decode.py --coordinator host0:1234 --num-processes 2 --process-id 0 --local-solve kl
 
+The default mesh (batch 2 x vocab 2, four virtual CPU devices, one row per device) is one that
+works on a CPU: several rows per virtual CPU device can deadlock jaxlib's batched LAPACK calls in
+the Newton solver (docs/sharding.md, "CPU caveat"; 8 rows on a batch 2 x vocab 4 mesh hangs), so
+on a CPU keep ``--prompts`` at most ``--batch-axis``.  It takes about a minute on a 2-core CPU
+(about 35 CPU-seconds, mostly compiling; ``--check`` adds a one-device decode).
+
 The members are two small random-weight Llama-style models (nothing to download); swap in real
-members from :mod:`jaxens.models` (``jaxens.harness.zoo``) the same way.
+members from :mod:`jaxens.models` (``jaxens.harness.zoo``) the same way.  The bottleneck makes the
+first member hard (``hard=(0,)``: always feasible) and prints the solver statuses.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "") and not os.environ.get("JAX_PLATFORMS", "").startswith(("cuda", "gpu", "tpu")):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") and "xla_cpu_multi_thread_eigen" not in os.environ["XLA_FLAGS"]:
-    # virtual CPU devices share XLA's Eigen pool, which can deadlock in batched LAPACK calls
-    os.environ["XLA_FLAGS"] += " --xla_cpu_multi_thread_eigen=false"
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch-axis", type=int, default=2, help="devices along the batch (data) axis")
-    ap.add_argument("--vocab-axis", type=int, default=4, help="devices along the vocabulary axis")
+    ap.add_argument("--vocab-axis", type=int, default=2, help="devices along the vocabulary axis")
     ap.add_argument("--model-axis", type=int, default=1, help="devices along the member tensor-parallel axis")
     ap.add_argument("--combiner", default="bottleneck-kl", help="logit_average or bottleneck-<objective>")
-    ap.add_argument("--prompts", type=int, default=8, help="rows (a multiple of --batch-axis)")
+    ap.add_argument("--prompts", type=int, default=2, help="rows (a multiple of --batch-axis; on CPU at most it)")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=1000, help="vocabulary size (need not divide the vocab axis)")
     ap.add_argument("--check", action="store_true", help="also decode on one device and compare the tokens")
@@ -47,7 +46,26 @@ def main(argv=None):
     ap.add_argument("--coordinator", default=None, help="host:port of process 0 (several hosts)")
     ap.add_argument("--num-processes", type=int, default=1)
     ap.add_argument("--process-id", type=int, default=0)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def fake_cpu_devices(n: int) -> None:
+    """On CPU, ``n`` virtual devices (the flag must be set before jax is imported)."""
+    if os.environ.get("JAX_PLATFORMS", "").startswith(("cuda", "gpu", "tpu")) or "jax" in sys.modules:
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        flags += f" --xla_force_host_platform_device_count={n}"
+    if "xla_cpu_multi_thread_eigen" not in flags:  # virtual devices share XLA's Eigen pool
+        flags += " --xla_cpu_multi_thread_eigen=false"
+    os.environ["XLA_FLAGS"] = flags.strip()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    fake_cpu_devices(args.batch_axis * args.vocab_axis * args.model_axis)
+    import jax
+    import numpy as np
 
     if args.coordinator is not None:
         # every process runs this same script; afterwards jax.devices() lists all hosts' devices
@@ -71,7 +89,7 @@ def main(argv=None):
         combiner = jaxens.logit_average()
     elif args.combiner.startswith("bottleneck-"):
         Ws, bs = zip(*(m.unembedding() for m in members))
-        problem = jaxens.make_problem(Ws, bs)
+        problem = jaxens.make_problem(Ws, bs, hard=(0,))
         combiner = sharded_bottleneck(problem, config, args.combiner.split("-", 1)[1])
     else:
         raise SystemExit(f"unknown --combiner {args.combiner!r}")
@@ -87,6 +105,10 @@ def main(argv=None):
         print(f"{jax.process_count()} process(es), {jax.device_count()} devices ({jax.default_backend()}); "
               f"mesh {dict(mesh.shape)}; combiner {args.combiner}")
         print(f"first call (compile + run) {first:.1f} s, second call {again:.2f} s for {len(prompts)} rows x {args.new_tokens} tokens")
+        if getattr(out.stats, "status", None) is not None:
+            counts = np.asarray(out.stats.status).sum(0)
+            print("solver statuses over rows and steps: " + " ".join(
+                f"{s.name}={int(counts[s.value])}" for s in jaxens.Status))
         for b in range(min(3, len(prompts))):
             print(f"  row {b}: {prompts[b]} -> {out.tokens[b, : out.lengths[b]].tolist()}")
         if args.check:
@@ -108,7 +130,7 @@ def main(argv=None):
 
         objective = args.local_solve
         Ws, bs = zip(*(m.unembedding() for m in members))
-        problem = jaxens.make_problem(Ws, bs)
+        problem = jaxens.make_problem(Ws, bs, hard=(0,))
         combiner = sharded_bottleneck(problem, config, objective)
         b_local = len(prompts) // jax.process_count()
         rows = slice(jax.process_index() * b_local, (jax.process_index() + 1) * b_local)

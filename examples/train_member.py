@@ -2,6 +2,9 @@
 
     python examples/train_member.py --d-model 64 --layers 2 --steps 200 --out /tmp/tiny64
 
+About 3 minutes on a 2-core CPU (about 150 CPU-seconds for the default 200 steps; ``--generate``
+adds loading SmolLM2 and a short decode).
+
 Trains on the train split of the real texts ($JAXENS_DATA or ../shared/data), prints the held-out
 perplexity on the test split of alice29.txt, saves a Hugging Face directory and generates a few
 tokens with it together with the zoo's SmolLM2-135M (logit average; same tokenizer).

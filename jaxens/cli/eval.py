@@ -4,6 +4,7 @@ Markdown on stdout, ``--json`` / ``--plot`` files."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 import warnings
@@ -15,13 +16,15 @@ from jaxens.harness.data import data_root, read_text, split_part, split_tokens
 from jaxens.harness.eval_cross import CROSS_EVAL_METHODS, CrossEvalConfig, evaluate_cross
 from jaxens.harness.evaluate import CONSTRAINT_SETS, DEFAULT_MEMBERS, DEFAULT_TEXTS, SPLITS, EvalConfig, evaluate
 from jaxens.harness.members import display_name, vocabularies_differ
-from jaxens.harness.reports import bpb_table, plot_bpb, plot_eval, write_json
+from jaxens.harness.plots import PLOT_INSTALL, plot_bpb, plot_eval, pyplot
+from jaxens.harness.reports import bpb_table, write_json
 from jaxens.objectives import OBJECTIVES
 
 
 def add_eval_parser(sub) -> None:
     """Register ``jaxens eval`` on the CLI's subparsers."""
-    e = sub.add_parser("eval", help="teacher-forced evaluation of combiners on held-out text")
+    e = sub.add_parser("eval", help="teacher-forced evaluation of combiners on held-out text",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("--member", action="append", help=f"zoo name, HF directory or .gguf (repeat); default: "
                    f"{' '.join(DEFAULT_MEMBERS)}")
     e.add_argument("--text", action="append", help="UTF-8 text file (repeat); its --split part is evaluated; "
@@ -29,28 +32,29 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--split", default="test", choices=SPLITS, help="split evaluated (tuning uses validation)")
     e.add_argument("--positions", type=int, default=64, help="scored positions per text")
     e.add_argument("--val-positions", type=int, default=16, help="validation positions per text (tuning)")
-    e.add_argument("--context", type=int, default=128)
-    e.add_argument("--stride", type=int, default=64)
-    e.add_argument("--batch-rows", type=int, default=16)
+    e.add_argument("--context", type=int, default=128, help="tokens of context before each scored position")
+    e.add_argument("--stride", type=int, default=64, help="step between evaluation windows")
+    e.add_argument("--batch-rows", type=int, default=16, help="positions combined per compiled call")
     e.add_argument("--objectives", nargs="*", default=list(OBJECTIVES),
                    help="bottleneck objectives (none: skip the bottleneck rows)")
-    e.add_argument("--constraints", nargs="*", default=list(CONSTRAINT_SETS), choices=CONSTRAINT_SETS)
+    e.add_argument("--constraints", nargs="*", default=list(CONSTRAINT_SETS), choices=CONSTRAINT_SETS,
+                   help="which members are hard / soft in the bottleneck rows")
     e.add_argument("--rho", type=float, default=1.0, help="soft-constraint strength of the 'soft' set")
-    e.add_argument("--learn-steps", type=int, default=100)
+    e.add_argument("--learn-steps", type=int, default=100, help="Adam steps of the learned-weights rows")
     e.add_argument("--no-learn", action="store_true", help="skip the learned-weights rows")
     e.add_argument("--learn-bottleneck", action="store_true", help="also learn kl with soft constraints (slow)")
-    e.add_argument("--vocab-size", type=int)
+    e.add_argument("--vocab-size", type=int, help="common vocabulary size for members with padded tables")
     e.add_argument("--hessian-topk", type=int, default=2048,
                    help="kl/max_entropy Newton Hessian over the top-K tokens by mass (0: all)")
     e.add_argument("--max-iters", type=int, default=3000,
                    help="iteration cap of the ADMM objectives and the least-squares phase (0: the solvers' own)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    e.add_argument("--seed", type=int, default=0, help="seed of the position sampling")
+    e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="members' weight dtype")
     e.add_argument("--json", help="write the results as JSON")
-    e.add_argument("--plot", help="write a PNG plot (needs matplotlib)")
+    e.add_argument("--plot", help="write a PNG plot (needs matplotlib: pip install 'jaxens[plot]')")
     e.add_argument("--store", help="folder for the finished rows (rows.jsonl, table.md), written as each row "
                    "finishes; a rerun with the same settings resumes from them")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     add_cross_eval_args(e)
     e.set_defaults(func=cmd_eval)
 
@@ -69,6 +73,11 @@ def _report(args, result, table: str, summary: str, plot, out) -> int:
 def cmd_eval(args, out=None, err=None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
+    if args.plot:  # before anything is loaded or evaluated
+        try:
+            pyplot()
+        except ImportError:
+            raise ValueError(f"--plot needs matplotlib, which is not installed: {PLOT_INSTALL} (or drop --plot)") from None
     cfg = EvalConfig(
         context=args.context, stride=args.stride, positions=args.positions, val_positions=args.val_positions,
         batch_rows=args.batch_rows, seed=args.seed, objectives=tuple(args.objectives or ()),

@@ -9,21 +9,24 @@ Members are zoo names (:mod:`jaxens.harness.zoo`), Hugging Face checkpoint direc
 files (:func:`jaxens.harness.members.load_member`).  Prompts are encoded with the first member's
 tokenizer (same-vocabulary combiners); a member whose tokenizer encodes a prompt differently is
 an error.  With one prompt the text is
-streamed to stdout as it is generated; with several, each completion is printed under a
-``### prompt i`` header when the batch is done.  Cross-tokenizer methods (and ``me`` over members
+streamed to stdout as it is generated, under the prompt echoed; with several, each prompt and
+completion is printed under ``### prompt i`` / ``### completion i`` headers when its batch is done
+(:mod:`jaxens.cli.output`; ``--jsonl OUT`` writes one JSON object per prompt).  ``--stats``
+reports the time to the first token (compile) apart from the decode speed (:mod:`jaxens.cli.stats`).  Cross-tokenizer methods (and ``me`` over members
 whose vocabularies differ) run through :mod:`jaxens.cli.vocab`.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
+from jaxens.cli.chat import apply_chat, chat_template_member
+from jaxens.cli.output import JsonlWriter, TextStream, echo, header, record
+from jaxens.cli.stats import COMPILE_NOTICE, Notice, format_stats, summarize, timed_decode
 from jaxens.cli.vocab import cross_generate_cli, wants_cross
 from jaxens.vocab import CROSS_METHODS
 from jaxens.decode import COMBINERS, Decoder, make_combiner
@@ -41,30 +44,6 @@ def _encode(tokenizer, text: str) -> list[int]:
     if not ids and getattr(tokenizer, "bos_token_id", None) is not None:
         ids = [int(tokenizer.bos_token_id)]
     return ids
-
-
-class _TextStream:
-    """Incremental detokenisation: print the new suffix of ``decode(all tokens)``."""
-
-    def __init__(self, tokenizer, out):
-        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], ""
-
-    def add(self, ids):
-        self.ids += list(ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            return
-        if text.startswith(self.printed):
-            self.out.write(text[len(self.printed) :])
-            self.out.flush()
-            self.printed = text
-
-    def finish(self):
-        """Print what is left (also when a decode rewrote already printed text)."""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        common = len(os.path.commonprefix([text, self.printed]))
-        self.out.write(text[common:])
-        self.printed = text
 
 
 _SAME_VOCAB = {
@@ -115,7 +94,13 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--greedy", action="store_true", help="take the likeliest token each step")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
-    src.add_argument("--prompt-file", help="one prompt per non-empty line ('-' for stdin)")
+    src.add_argument("--prompts-file", "--prompt-file", dest="prompt_file",
+                     help="one prompt per non-empty line ('-' for stdin), decoded in batches of --batch-size")
+    g.add_argument("--batch-size", type=int, help="prompts decoded together (None: all in one batch)")
+    g.add_argument("--jsonl", metavar="OUT", help="write one JSON object per prompt (prompt, completion, tokens, "
+                   "timings, stats) to OUT ('-': stdout, instead of the text)")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap each prompt in the chat template of the first member whose tokenizer has one")
     g.add_argument("--seed", type=int, default=0, help="PRNG seed of the sampler")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="members' weight dtype")
     g.add_argument("--stop-token", type=int, action="append", default=[], help="extra stop token id (repeat)")
@@ -194,6 +179,103 @@ def _bottleneck_options(args) -> dict:
     return opts
 
 
+
+TRUNCATING_FLAGS = (("--greedy", "greedy"), ("--top-k", "top_k"), ("--top-p", "top_p"), ("--min-p", "min_p"))
+
+
+def check_me_sampling(args, across: bool) -> None:
+    """One rule for ``--combiner me`` (one vocabulary or across tokenizers): ME draws one member per
+    step, so it samples the members' probability average exactly only without truncation
+    (``--temperature`` applies to every member and is fine).  ``--greedy`` / ``--top-k`` /
+    ``--top-p`` / ``--min-p`` would truncate the drawn member's distribution, not the mixture's:
+    they are refused unless ``--me-per-member`` asks for exactly that (the published ME)."""
+    if args.combiner != "me" or args.me_per_member:
+        return
+    given = [flag for flag, attr in TRUNCATING_FLAGS if getattr(args, attr) not in (None, False)]
+    if not given:
+        return
+    flags = " / ".join(given)
+    exact = "--combiner gac" if across else "--combiner prob_average"
+    raise ValueError(
+        f"--combiner me samples the members' probability average exactly only without truncation, and {flags} "
+        f"would apply to the one member drawn each step. Drop {flags} (--temperature is fine), use {exact} for "
+        f"{flags} of the combined distribution (the prob_average combiner in the ordinary decode loop"
+        f"{', or gac across tokenizers' if across else ''}), or add --me-per-member to truncate the drawn "
+        "member's distribution (the published ME; not the mixture's truncation)"
+    )
+
+
+def _batches(n: int, size: int | None):
+    """Index groups of ``size`` (the last one padded by repeating its last index: one compile)."""
+    size = n if not size else size
+    for s in range(0, n, size):
+        idx = list(range(s, min(s + size, n)))
+        yield idx, idx + [idx[-1]] * (size - len(idx))
+
+
+def _same_vocab_combiner(args, members):
+    sampler_kw = dict(top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, greedy=args.greedy)
+    options = {"weights": args.weights, **_bottleneck_options(args)}
+    if args.combiner == "me" and not args.me_per_member:
+        options.update(temperature=args.temperature, max_pending=args.me_max_pending)
+        sampler = Sampler(**sampler_kw)
+    else:
+        if args.combiner == "me":
+            options.update(max_pending=args.me_max_pending, per_member_truncation=True)
+        sampler = Sampler(temperature=args.temperature, **sampler_kw)
+    return make_combiner(args.combiner, members, **options), sampler
+
+
+def _same_vocab(args, prompts, texts, loaded, out, err, jsonl) -> None:
+    members = [m for m, _ in loaded]
+    tok = loaded[0][1]
+    ids = [_encode(tok, p) for p in texts]
+    for i, p in enumerate(texts):
+        if not ids[i]:
+            raise ValueError(f"prompt {i} ({p!r}) encodes to no tokens")
+        for j, (_, t) in enumerate(loaded[1:], start=1):
+            if _encode(t, p) != ids[i]:
+                raise ValueError(
+                    f"member {j} ({args.member[j]}) tokenizes prompt {i} differently from member 0 ({args.member[0]}); "
+                    f"--combiner {args.combiner} needs a shared tokenizer. For members with different tokenizers use "
+                    "a cross-tokenizer method: --combiner gac (or unite, deepen, safe, me; see --list-combiners)"
+                )
+    combiner, sampler = _same_vocab_combiner(args, members)
+    stops = list(args.stop_token)
+    if not args.no_eos_stop and getattr(tok, "eos_token_id", None) is not None:
+        stops.append(int(tok.eos_token_id))
+    pad = getattr(tok, "pad_token_id", None)
+    pad = int(pad) if pad is not None else (stops[-1] if stops else 0)
+    decoder = Decoder(members, combiner, sampler, stop_tokens=stops, pad_id=pad, vocab_size=args.vocab_size)
+    kind = "ME" if isinstance(combiner, MixtureEnsemble) else args.combiner
+    text_out = not jsonl.to_stdout
+    single = len(prompts) == 1
+    for k, (idx, rows) in enumerate(_batches(len(prompts), args.batch_size)):
+        stream = None
+        if single and text_out:
+            out.write(header("prompt", None) + prompts[0] + "\n" + header("completion", None))
+            out.flush()
+            stream = TextStream(tok, out)
+        with Notice(err, COMPILE_NOTICE if k == 0 else None) as notice:  # the loop compiles once, before step 1
+            run = timed_decode(decoder, [ids[r] for r in rows], args.max_new_tokens, seed=args.seed,
+                               on_chunk=None if stream is None else (lambda chunk: stream.add(chunk[0])),
+                               chunk_steps=args.chunk_steps, notice=notice)
+        if stream is not None:
+            stream.finish()
+            out.write("\n")
+        timings = {**run.timings.as_dict(), "batch": len(idx)}
+        for b, i in enumerate(idx):
+            completion = tok.decode(run.completions[b], skip_special_tokens=True)
+            if text_out and not single:
+                echo(out, prompts[i], completion, i)
+            jsonl.write(record(prompts[i], completion, run.completions[b], run.finished[b],
+                               args.combiner, timings, summarize(run.stats, b, len(rows))))
+        out.flush()
+        if args.stats:
+            err.write(f"[jaxens] {kind}, batch {k} ({len(idx)} prompts): {run.timings.line()}; {run.steps} steps; "
+                      f"{format_stats(run.stats)}\n")
+
+
 def cmd_generate(args, out=None, err=None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
@@ -204,60 +286,35 @@ def cmd_generate(args, out=None, err=None) -> int:
         raise ValueError("--member is required (repeat it: --member smollm2-135m --member smollm2-tiny-64)")
     cross = wants_cross(args)
     if not cross and args.combiner not in COMBINERS:
-        raise ValueError(f"unknown combiner {args.combiner!r}; known combiners: {', '.join(sorted(COMBINERS))}")
+        raise ValueError(f"unknown combiner {args.combiner!r}; known combiners: {', '.join(sorted(COMBINERS))}, "
+                         f"and across tokenizers {', '.join(sorted(CROSS_METHODS))} (see --list-combiners)")
     if args.weights is not None and len(args.weights) != len(args.member):
         raise ValueError(f"--weights has {len(args.weights)} values for {len(args.member)} members")
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if cross:
+        check_me_sampling(args, across=True)
     prompts = _read_prompts(args)
     loaded = [jmembers.load_member(m, args.dtype) for m in args.member]
-    if cross or (args.combiner == "me" and vocabularies_differ(loaded)):
-        return cross_generate_cli(args, prompts, loaded, out, err)
-    members = [m for m, _ in loaded]
-    tok = loaded[0][1]
-    ids = [_encode(tok, p) for p in prompts]
-    for i, p in enumerate(prompts):
-        if not ids[i]:
-            raise ValueError(f"prompt {i} ({p!r}) encodes to no tokens")
-        for j, (_, t) in enumerate(loaded[1:], start=1):
-            if _encode(t, p) != ids[i]:
-                raise ValueError(
-                    f"member {j} ({args.member[j]}) tokenizes prompt {i} differently from member 0; "
-                    "same-vocabulary combiners need a shared tokenizer"
-                )
-    sampler_kw = dict(top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, greedy=args.greedy)
-    options = {"weights": args.weights, **_bottleneck_options(args)}
-    if args.combiner == "me" and not args.me_per_member:
-        options.update(temperature=args.temperature, max_pending=args.me_max_pending)
-        sampler = Sampler(**sampler_kw)
-    else:
-        if args.combiner == "me":
-            options.update(max_pending=args.me_max_pending, per_member_truncation=True)
-        sampler = Sampler(temperature=args.temperature, **sampler_kw)
-    combiner = make_combiner(args.combiner, members, **options)
-    stops = list(args.stop_token)
-    if not args.no_eos_stop and getattr(tok, "eos_token_id", None) is not None:
-        stops.append(int(tok.eos_token_id))
-    pad = getattr(tok, "pad_token_id", None)
-    pad = int(pad) if pad is not None else (stops[-1] if stops else 0)
-    decoder = Decoder(members, combiner, sampler, stop_tokens=stops, pad_id=pad, vocab_size=args.vocab_size)
-    t0 = time.perf_counter()
-    if len(prompts) == 1:
-        stream = _TextStream(tok, out)
-        result = decoder.generate(ids, args.max_new_tokens, seed=args.seed,
-                                  callback=lambda chunk: stream.add(chunk[0]), chunk_steps=args.chunk_steps)
-        stream.finish()
-        out.write("\n")
-    else:
-        result = decoder.generate(ids, args.max_new_tokens, seed=args.seed)
-        for i, row in enumerate(result.tokens):
-            text = tok.decode(row[: result.lengths[i]].tolist(), skip_special_tokens=True)
-            out.write(f"### prompt {i}\n{text}\n")
-    out.flush()
-    if args.stats:
-        dt = time.perf_counter() - t0
-        n = int(np.sum(result.lengths))
-        kind = "ME" if isinstance(combiner, MixtureEnsemble) else args.combiner
-        err.write(f"[jaxens] {kind}: {n} tokens in {dt:.2f}s (incl. compile) = {n / dt:.1f} tok/s; "
-                  f"steps {result.steps}; stats {result.stats}\n")
+    differ = vocabularies_differ(loaded)
+    check_me_sampling(args, across=cross or differ)
+    if differ and not cross and args.combiner != "me":
+        sizes = ", ".join(f"{name}: {jmembers.tokenizer_vocab_size(m, t)}" for name, (m, t) in zip(args.member, loaded))
+        raise ValueError(f"--combiner {args.combiner} needs members that share a vocabulary, but the vocabularies "
+                         f"differ ({sizes}); for members with different tokenizers use a cross-tokenizer method: "
+                         "--combiner gac (or unite, deepen, safe, me; see --list-combiners)")
+    texts = prompts
+    if args.chat:
+        j = chat_template_member([t for _, t in loaded], args.member)
+        texts = [apply_chat(loaded[j][1], p) for p in prompts]
+    jsonl = JsonlWriter(args.jsonl, out)
+    try:
+        if cross or (args.combiner == "me" and differ):
+            cross_generate_cli(args, prompts, loaded, out, err, texts=texts, jsonl=jsonl)
+        else:
+            _same_vocab(args, prompts, texts, loaded, out, err, jsonl)
+    finally:
+        jsonl.close()
     return 0

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from jaxens.harness import zoo
@@ -11,23 +12,24 @@ from jaxens.harness.train import RECIPES, TrainConfig, read_meta, train_to_dir
 
 def add_train_parser(sub) -> None:
     """Register ``jaxens train`` on an argparse subparsers object."""
-    t = sub.add_parser("train", help="train a small same-vocabulary (SmolLM2 tokenizer) member from scratch")
+    t = sub.add_parser("train", help="train a small same-vocabulary (SmolLM2 tokenizer) member from scratch",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("--zoo", choices=sorted(RECIPES), help="train a zoo recipe into the cache (other flags ignored)")
     t.add_argument("--out", help="output checkpoint directory (Hugging Face layout)")
-    t.add_argument("--d-model", type=int, default=64)
-    t.add_argument("--layers", type=int, default=2)
-    t.add_argument("--head-dim", type=int, default=32)
+    t.add_argument("--d-model", type=int, default=64, help="model width")
+    t.add_argument("--layers", type=int, default=2, help="transformer layers")
+    t.add_argument("--head-dim", type=int, default=32, help="attention head width")
     t.add_argument("--d-ff", type=int, help="MLP width (default 4 d)")
-    t.add_argument("--steps", type=int, default=300)
-    t.add_argument("--seq-len", type=int, default=128)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--lr", type=float, default=1e-2)
+    t.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    t.add_argument("--seq-len", type=int, default=128, help="training window length")
+    t.add_argument("--batch-size", type=int, default=8, help="windows per step")
+    t.add_argument("--lr", type=float, default=1e-2, help="peak learning rate")
     t.add_argument("--warmup", type=int, help="warmup steps (default steps/10)")
-    t.add_argument("--weight-decay", type=float, default=0.1)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--eval-every", type=int, default=100)
+    t.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+    t.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed")
+    t.add_argument("--eval-every", type=int, default=100, help="steps between validation losses")
     t.add_argument("--data", help="folder of the *.txt texts (default $JAXENS_DATA or ../shared/data)")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     t.set_defaults(func=cmd_train)
 
 

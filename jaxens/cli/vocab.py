@@ -14,6 +14,8 @@ import ast
 import sys
 import time
 
+from jaxens.cli.output import JsonlWriter, echo, header, record
+from jaxens.cli.stats import COMPILE_NOTICE, STALL_NOTICE, Notice, format_stats, summarize
 from jaxens.harness.bpb import DEFAULT_LAMBDA
 from jaxens.harness.eval_cross import CROSS_EVAL_METHODS
 from jaxens.sampling import Sampler
@@ -60,15 +62,29 @@ def parse_vocab_options(items, methods=None) -> dict:
     return opts
 
 
-def cross_generate_cli(args, prompts, loaded, out=None, err=None) -> int:
+def _ids(tokenizer, text: str) -> list[int]:
+    try:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    except TypeError:  # a tokenizer without the keyword
+        return list(tokenizer.encode(text))
+
+
+def cross_generate_cli(args, prompts, loaded, out=None, err=None, *, texts=None, jsonl=None) -> None:
     """Generate ``prompts`` with the cross-tokenizer method ``args.combiner`` over ``loaded``
-    ``(member, tokenizer)`` pairs; streaming and output as for same-vocabulary combiners."""
+    ``(member, tokenizer)`` pairs; echo, streaming, ``--jsonl`` and ``--stats`` as for
+    same-vocabulary combiners (:mod:`jaxens.cli.output`).  ``texts``: what the members read
+    (``prompts`` with ``--chat`` applied); ``tokens`` in a JSONL record are member 0's encoding of
+    the completion."""
     out = out or sys.stdout
     err = err or sys.stderr
+    texts = prompts if texts is None else texts
+    jsonl = JsonlWriter(None) if jsonl is None else jsonl
     name = args.combiner
     opts = parse_vocab_options(getattr(args, "vocab_option", None))
     if args.weights is not None:
         opts["weights"] = tuple(args.weights)
+    if name == "me" and getattr(args, "me_per_member", False):
+        opts["per_member_truncation"] = True
     try:
         method = make_cross_method(name, **opts)
     except TypeError as e:
@@ -76,28 +92,53 @@ def cross_generate_cli(args, prompts, loaded, out=None, err=None) -> int:
     sampler = Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                       greedy=args.greedy)
     dec = CrossDecoder([m for m, _ in loaded], [t for _, t in loaded], method, sampler)
-    t0 = time.perf_counter()
-    if len(prompts) == 1:
+    tok0 = loaded[0][1]
+    text_out = not jsonl.to_stdout
+    single = len(prompts) == 1
+    size = getattr(args, "batch_size", None) or len(prompts)
+    for k, s in enumerate(range(0, len(prompts), size)):
+        idx = list(range(s, min(s + size, len(prompts))))
         printed = [""]
+        first: list = []
+        notice = Notice(err, COMPILE_NOTICE if k == 0 else STALL_NOTICE, later=STALL_NOTICE)
 
-        def cb(step, texts):
-            t = texts[0]
-            if t.startswith(printed[0]) and not t.endswith("\ufffd"):
+        def cb(step, done_texts, printed=printed, first=first, notice=notice):
+            if not first:
+                first.append(time.perf_counter())
+            notice.kick()
+            t = done_texts[0]
+            if single and text_out and t.startswith(printed[0]) and not t.endswith("\ufffd"):
                 out.write(t[len(printed[0]):])
                 out.flush()
                 printed[0] = t
 
-        res = dec.generate(prompts, args.max_new_tokens, seed=args.seed, callback=cb)
-        out.write(res.texts[0][len(printed[0]):] + "\n")
-    else:
-        res = dec.generate(prompts, args.max_new_tokens, seed=args.seed)
-        for i, t in enumerate(res.texts):
-            out.write(f"### prompt {i}\n{t}\n")
-    out.flush()
-    if args.stats:
-        err.write(f"[jaxens] cross-tokenizer {name}: {res.steps} steps in {time.perf_counter() - t0:.2f}s "
-                  f"(incl. compile); stats {res.stats}\n")
-    return 0
+        if single and text_out:
+            out.write(header("prompt", None) + prompts[0] + "\n" + header("completion", None))
+            out.flush()
+        t0 = time.perf_counter()
+        try:
+            res = dec.generate([texts[i] for i in idx], args.max_new_tokens, seed=args.seed, callback=cb)
+        finally:
+            notice.stop()
+        t2 = time.perf_counter()
+        t1 = first[0] if first else t2
+        if single and text_out:
+            out.write(res.texts[0][len(printed[0]):] + "\n")
+        rate = (res.steps - 1) / (t2 - t1) if res.steps > 1 and t2 > t1 else None
+        timings = {"compile_s": round(t1 - t0, 3), "decode_s": round(t2 - t1, 3),
+                   "steps_per_s": None if rate is None else round(rate, 2), "batch": len(idx)}
+        stats = summarize(res.stats)
+        for b, i in enumerate(idx):
+            if text_out and not single:
+                echo(out, prompts[i], res.texts[b], i)
+            jsonl.write(record(prompts[i], res.texts[b], _ids(tok0, res.texts[b]), bool(res.finished[b]), name,
+                               timings, stats))
+        out.flush()
+        if args.stats:
+            speed = "n/a" if rate is None else f"{rate:.1f} steps/s (one piece per active row per step)"
+            err.write(f"[jaxens] cross-tokenizer {name}, batch {k} ({len(idx)} prompts): first piece after "
+                      f"{t1 - t0:.2f}s (compile + prefill); decode {res.steps - 1} steps in {t2 - t1:.2f}s = {speed}; "
+                      f"{format_stats(res.stats)}\n")
 
 
 def add_cross_eval_args(parser) -> None:

@@ -5,8 +5,7 @@
 * :func:`eval_table`: the token-level table of :mod:`jaxens.harness.evaluate` (NLL, PPL, top-1,
   ECE, solver columns); :func:`bpb_table`: the bits-per-byte table of
   :mod:`jaxens.harness.eval_cross`.
-* :func:`plot_eval` / :func:`plot_bpb`: horizontal bar charts (need matplotlib,
-  ``pip install 'jaxens[plot]'``; without it they warn and return ``False``).
+* the PNG plots are :mod:`jaxens.harness.plots` (``plot_eval``, ``plot_bpb``).
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import json
 import math
 import os
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -135,82 +133,3 @@ def json_safe(x):
 
 def write_json(result: EvalResult, path: str | os.PathLike) -> None:
     Path(path).write_text(json.dumps(json_safe(result.to_json()), indent=2) + "\n")
-
-
-# ---------------------------------------------------------------- plots
-
-
-def _pyplot():
-    """``matplotlib.pyplot`` on the Agg backend, or None (with a warning) when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        warnings.warn("matplotlib is not installed (pip install 'jaxens[plot]'); skipping the plot", stacklevel=3)
-        return None
-    return plt
-
-
-def _save(plt, fig, path) -> bool:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def plot_eval(result: EvalResult, path: str | os.PathLike) -> bool:
-    """Bar chart of test NLL (finite rows; hatched where some rows were infinite) and top-1 accuracy.
-
-    Returns False (with a warning) when matplotlib is not installed (``pip install jaxens[plot]``).
-    """
-    plt = _pyplot()
-    if plt is None:
-        return False
-    rows = [r for r in result.rows if "nll" in r]
-    labels = [r["combiner"] for r in rows]
-    nll = [r["nll_finite"] if r["nll_finite"] == r["nll_finite"] else 0.0 for r in rows]
-    acc = [r["top1"] for r in rows]
-    y = np.arange(len(rows))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.32 * len(rows) + 1.5), sharey=True)
-    bars = axes[0].barh(y, nll, color=["tab:red" if r["inf_rows"] else "tab:blue" for r in rows])
-    for b, r in zip(bars, rows):
-        if r["inf_rows"]:
-            b.set_hatch("//")
-    axes[0].set_xlabel("test NLL per token (finite rows; red: some rows have p(obs)=0)")
-    axes[1].barh(y, acc, color="tab:green")
-    axes[1].set_xlabel("top-1 accuracy")
-    axes[0].set_yticks(y, labels, fontsize=7)
-    axes[0].invert_yaxis()
-    best = min(r["nll"] for r in rows)
-    axes[0].axvline(best, color="k", lw=0.8, ls="--")
-    m = result.meta
-    fig.suptitle(f"jaxens eval: {', '.join(m['members'])}; {m['test_rows']} test positions", fontsize=9)
-    return _save(plt, fig, path)
-
-
-def plot_bpb(result: EvalResult, path: str | os.PathLike) -> bool:
-    """Bar chart of bits per byte (hatched red: infinite, the smoothed value drawn)."""
-    plt = _pyplot()
-    if plt is None:
-        return False
-    rows = result.rows
-    vals = [r["bpb"] if math.isfinite(r["bpb"]) else r["bpb_smoothed"] for r in rows]
-    y = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
-    colors = {"member": "tab:gray", "cross": "tab:blue", "word-mixture": "tab:green"}
-    bars = ax.barh(y, vals, color=[colors.get(r["kind"], "tab:blue") if math.isfinite(r["bpb"]) else "tab:red"
-                                   for r in rows])
-    for b, r in zip(bars, rows):
-        if not math.isfinite(r["bpb"]):
-            b.set_hatch("//")
-    for yy, v in zip(y, vals):
-        ax.text(v, yy, f" {v:.3f}", va="center", fontsize=7)
-    ax.set_yticks(y, [r["combiner"] for r in rows], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("bits per byte (red hatched: some p(obs)=0, smoothed value shown)")
-    m = result.meta
-    fig.suptitle(f"jaxens eval (cross-vocabulary): {', '.join(m['members'])}; {m['bytes']} bytes of "
-                 f"{', '.join(m['texts'])}", fontsize=8)
-    return _save(plt, fig, path)

@@ -26,6 +26,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 from jaxens.models.gguf import read_metadata
 
+CHAT_TEMPLATE_CHECKED = "chat_template.checked"  # in a tokenizer cache: the GGUF's chat template was looked up
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 _PRE_REGEX = {
@@ -118,7 +119,9 @@ def tokenizer_from_gguf(path: str | os.PathLike, cache_dir: str | os.PathLike | 
 
     ``cache_dir``: a folder where the tokenizer is saved (``save_pretrained``) on the first call and
     read back later, without opening the GGUF again (the vocabulary is not parsed and the
-    SentencePiece merges are not rebuilt a second time).
+    SentencePiece merges are not rebuilt a second time).  The GGUF's ``tokenizer.chat_template``
+    (instruct checkpoints) becomes ``tok.chat_template``; a cache saved before templates were
+    kept is completed once (:data:`CHAT_TEMPLATE_CHECKED` marks it).
     """
     from transformers import PreTrainedTokenizerFast
 
@@ -126,13 +129,24 @@ def tokenizer_from_gguf(path: str | os.PathLike, cache_dir: str | os.PathLike | 
     if cache_dir is not None and (cache_dir / "tokenizer.json").is_file() and (
         cache_dir / "tokenizer_config.json"
     ).is_file():
-        return PreTrainedTokenizerFast.from_pretrained(str(cache_dir))
-    tk, specials = build_tokenizer(read_metadata(path, arrays=True))
+        tok = PreTrainedTokenizerFast.from_pretrained(str(cache_dir))
+        if not tok.chat_template and not (cache_dir / CHAT_TEMPLATE_CHECKED).exists():
+            template = read_metadata(path).get("tokenizer.chat_template")
+            if template:
+                tok.chat_template = str(template)
+                (cache_dir / "chat_template.jinja").write_text(tok.chat_template)
+            (cache_dir / CHAT_TEMPLATE_CHECKED).write_text("")
+        return tok
+    meta = read_metadata(path, arrays=True)
+    tk, specials = build_tokenizer(meta)
     tok = _wrap(tk, specials)
+    if meta.get("tokenizer.chat_template"):
+        tok.chat_template = str(meta["tokenizer.chat_template"])
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache_dir.parent, prefix=cache_dir.name + "-"))
         tok.save_pretrained(str(tmp))
+        (tmp / CHAT_TEMPLATE_CHECKED).write_text("")
         if cache_dir.exists():
             shutil.rmtree(cache_dir)
         os.replace(tmp, cache_dir)

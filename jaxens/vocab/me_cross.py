@@ -2,8 +2,12 @@ r"""ME across tokenizers: one drawn member per step, its token decoded to text.
 
 At each step a member :math:`i \sim \mathrm{Categorical}(w)` is drawn for the whole batch, only that
 member is synced and run, and every row samples :math:`y \sim \hat p_i` on member :math:`i`'s own
-vocabulary (the sampler's truncation applies to the drawn member, as in the published ME; plain
-sampling gives the per-step mixture :math:`\sum_i w_i \hat p_i` over *text pieces*).  The token's
+vocabulary: plain sampling (any temperature, applied to the drawn member) gives the per-step
+mixture :math:`\sum_i w_i \hat p_i` over *text pieces*.  The rule is that of the one-vocabulary
+:class:`jaxens.combiners.mixture.MixtureEnsemble`: a truncating sampler (greedy, top-k, top-p,
+min-p) would truncate the drawn member, not the mixture, and raises ``ValueError`` unless
+``per_member_truncation=True`` asks for exactly that (the published ME); GaC truncates the
+combined distribution.  The token's
 bytes are appended to the row's text; the other members re-encode the new text when they are next
 drawn (one chunked catch-up through their KV caches, :class:`jaxens.vocab.cross_decode.CrossEngine`).
 Source: SOURCES.md §2.
@@ -18,12 +22,27 @@ from jaxens.vocab.cross_decode import CrossMethod, id_pieces, text_mask, normali
 
 
 class MECross(CrossMethod):
+    """ME across tokenizers (see the module doc).
+
+    Example::
+
+        dec = CrossDecoder([smol, gemma], [smol_tok, gemma_tok], MECross(), Sampler(temperature=0.7))
+    """
+
     needs_alignment = False
 
-    def __init__(self, weights=None):
+    def __init__(self, weights=None, per_member_truncation: bool = False):
         self.weights = weights
+        self.per_member_truncation = per_member_truncation
 
     def setup(self, eng):
+        if eng.sampler.truncates and not self.per_member_truncation:
+            raise ValueError(
+                f"ME across tokenizers samples the members' mixture exactly only without truncation, got {eng.sampler}; "
+                "use Sampler(temperature=...) (the temperature applies to every member), GaC() for greedy / top-k / "
+                "top-p / min-p of the combined distribution, or MECross(per_member_truncation=True) to truncate the "
+                "drawn member's distribution (the published ME, NOT the mixture's truncation)"
+            )
         n = eng.num_members
         w = normalized_weights(self.weights, n)
         self._logw = jnp.log(jnp.asarray(w, jnp.float32))

@@ -5,7 +5,7 @@ import pytest
 from toy_models import ToyConfig, ToyLM
 
 import jaxens.cli as cli
-from jaxens.cli import generate
+from jaxens.cli import generate, output, stats
 from jaxens.harness import members
 from jaxens.combiners.averaging import prob_average
 from jaxens.decode import Decoder
@@ -64,8 +64,11 @@ def test_generate_streams_single_prompt(capsys):
                           "--weights", "0.3", "0.7", "--greedy", "--max-new-tokens", "12",
                           "--prompt", "hello world", "--chunk-steps", "3", "--stats"], capsys)
     assert code == 0
-    assert out == expected(["hello world"], 12, weights=[0.3, 0.7], greedy=True)[0] + "\n"
-    assert "tok/s" in err and "nonfinite" in err
+    completion = expected(["hello world"], 12, weights=[0.3, 0.7], greedy=True)[0]
+    assert out == f"### prompt\nhello world\n### completion\n{completion}\n"  # the prompt echoed, then streamed
+    # compile apart from the decode speed; diagnostics by name, not raw arrays
+    assert "first token after" in err and "(compile + prefill)" in err and "tok/s" in err
+    assert "nonfinite=0" in err and "array(" not in err
 
 
 def test_generate_batch_from_file(tmp_path, capsys):
@@ -76,7 +79,8 @@ def test_generate_batch_from_file(tmp_path, capsys):
                        capsys)
     assert code == 0
     texts = expected(["the cat", "sat on the mat."], 8, top_k=5, temperature=0.8)
-    assert out == f"### prompt 0\n{texts[0]}\n### prompt 1\n{texts[1]}\n"
+    assert out == (f"### prompt 0\nthe cat\n### completion 0\n{texts[0]}\n"
+                   f"### prompt 1\nsat on the mat.\n### completion 1\n{texts[1]}\n")
 
 
 def test_me_from_cli(capsys):
@@ -93,7 +97,8 @@ def test_me_from_cli(capsys):
     [
         (["--combiner", "nope", "--prompt", "a"], "unknown combiner 'nope'; known combiners: .*logit_average.*me"),
         (["--weights", "1", "--prompt", "a"], "--weights has 1 values for 2 members"),
-        (["--combiner", "me", "--top-p", "0.9", "--prompt", "a"], "prob_average combiner in the ordinary decode loop"),
+        (["--combiner", "me", "--top-p", "0.9", "--prompt", "a"], "use --combiner prob_average for --top-p of the"),
+        (["--combiner", "me", "--greedy", "--prompt", "a"], "or add --me-per-member"),
         (["--top-p", "1.5", "--prompt", "a"], r"top_p must be in \(0, 1\], got 1.5"),
         (["--prompt", "!!!"], "encodes to no tokens"),
         (["--max-new-tokens", "-1", "--prompt", "a"], "must be >= 0"),
@@ -111,7 +116,7 @@ def test_errors(argv, msg, capsys):
 def test_tokenizer_mismatch_and_unknown_member(capsys):
     with pytest.raises(SystemExit):
         cli.main(["generate", "--member", "toy0", "--member", "shifted", "--prompt", "abc"])
-    assert "tokenizes prompt 0 differently" in capsys.readouterr().err
+    assert "tokenizes prompt 0 differently" in (e := capsys.readouterr().err) and "--combiner gac" in e
     with pytest.raises(SystemExit):
         cli.main(["generate", "--member", "toy9", "--prompt", "abc"])
     assert "Unknown zoo model 'toy9'" in capsys.readouterr().err
@@ -154,7 +159,7 @@ def test_text_stream_holds_back_partial_utf8_and_flushes():
             return bytes(ids).decode("utf-8", errors="replace")
 
     buf = io.StringIO()
-    s = generate._TextStream(ByteTok(), buf)
+    s = output.TextStream(ByteTok(), buf)
     s.add(list("ab".encode()))
     e = "é".encode()
     s.add([e[0]])  # incomplete character: nothing printed
@@ -162,7 +167,7 @@ def test_text_stream_holds_back_partial_utf8_and_flushes():
     s.add([e[1]] + list(b"c"))
     s.finish()
     assert buf.getvalue() == "abéc"
-    s2 = generate._TextStream(ByteTok(), io.StringIO())
+    s2 = output.TextStream(ByteTok(), io.StringIO())
     s2.add([e[0]])
     s2.finish()  # a trailing incomplete sequence is still flushed at the end
     assert s2.out.getvalue() == "\ufffd"
@@ -174,6 +179,9 @@ def test_bottleneck_from_cli(capsys):
     _, ref, _ = run(base + ["--combiner", "logit_average"], capsys)
     code, out, err = run(base + ["--combiner", "bottleneck-kl", "--hard", "none", "--stats"], capsys)
     assert code == 0 and out == ref and "status" in err
+    code, out, err = run(base + ["--combiner", "bottleneck-kl", "--hard", "0", "--stats"], capsys)
+    # statuses by name, summed over rows and steps (1 row x 6 steps)
+    assert code == 0 and "status SOLVED=6 MAX_ITERS=0 INFEASIBLE=0" in err and "array(" not in err
     opts = generate._bottleneck_options(cli.build_parser().parse_args(
         ["generate", "--member", "a", "--combiner", "bottleneck-sum_ce", "--hard", "0", "--soft", "1",
          "--rho", "2.5", "--lam", "0.1"]))
@@ -197,3 +205,106 @@ def test_bottleneck_from_cli(capsys):
         with pytest.raises(SystemExit):
             cli.main(base + ["--combiner", combiner, "--hessian-topk", "8"])
         assert msg in capsys.readouterr().err
+
+
+def test_jsonl_from_prompts_file_in_batches(tmp_path, capsys):
+    import json
+
+    f = tmp_path / "prompts.txt"
+    f.write_text("the cat\nsat on\nthe mat\n")
+    base = ["generate", "--member", "toy0", "--member", "toy1", "--combiner", "prob_average", "--greedy",
+            "--max-new-tokens", "5", "--prompts-file", str(f), "--batch-size", "2"]
+    code, out, _ = run(base + ["--jsonl", str(tmp_path / "out.jsonl")], capsys)
+    recs = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    want = expected(["the cat", "sat on", "the mat"], 5, greedy=True)  # greedy rows do not depend on the batch
+    assert code == 0 and [r["prompt"] for r in recs] == ["the cat", "sat on", "the mat"]
+    assert [r["completion"] for r in recs] == want
+    assert "### prompt 2\nthe mat\n### completion 2\n" in out  # the text output too
+    tok = CharTokenizer()
+    for r in recs:
+        assert tok.decode(r["tokens"]) == r["completion"] and len(r["tokens"]) <= 5
+        assert set(r["timings"]) == {"compile_s", "decode_s", "tok_per_s", "batch"}
+        assert r["timings"]["compile_s"] > 0 and r["stats"] == {"nonfinite": 0} and r["combiner"] == "prob_average"
+    assert [r["timings"]["batch"] for r in recs] == [2, 2, 1]
+    code, out, _ = run(base + ["--jsonl", "-"], capsys)  # stdout: JSON only
+    assert code == 0 and [json.loads(line)["completion"] for line in out.splitlines()] == want
+
+
+def test_compile_notice_after_silence(monkeypatch, capsys):
+    monkeypatch.setattr(stats, "NOTICE_AFTER_S", 0.0)
+    code, _, err = run(["generate", "--member", "toy0", "--combiner", "logit_average", "--greedy",
+                        "--max-new-tokens", "3", "--prompt", "abc"], capsys)
+    assert code == 0 and "[jaxens] compiling the decode loop (first run; cached afterwards)" in err
+    monkeypatch.setattr(stats, "NOTICE_AFTER_S", 60.0)
+    code, _, err = run(["generate", "--member", "toy0", "--combiner", "logit_average", "--greedy",
+                        "--max-new-tokens", "3", "--prompt", "abc"], capsys)
+    assert code == 0 and "compiling" not in err  # a quick start says nothing
+
+
+class ChatTokenizer(CharTokenizer):
+    chat_template = "user: {{ content }}. bot:"
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        assert not tokenize and add_generation_prompt
+        return f"user {messages[0]['content']}. bot "
+
+
+def test_chat_template(monkeypatch, capsys):
+    def load(spec, dtype="float32"):
+        return MODELS["toy0" if spec != "toy1" else "toy1"], ChatTokenizer() if spec == "chat" else CharTokenizer()
+
+    monkeypatch.setattr(members, "load_member", load)
+    base = ["generate", "--combiner", "prob_average", "--greedy", "--max-new-tokens", "4", "--prompt", "hi there"]
+    code, out, _ = run(base + ["--member", "toy1", "--member", "chat", "--chat"], capsys)
+    want = expected(["user hi there. bot "], 4, greedy=True)[0]
+    assert code == 0 and out == f"### prompt\nhi there\n### completion\n{want}\n"  # echoes the user's prompt
+    with pytest.raises(SystemExit):
+        cli.main(base + ["--member", "toy0", "--member", "toy1", "--chat"])
+    assert "no member's tokenizer has a chat template (toy0, toy1)" in capsys.readouterr().err
+
+
+def test_one_me_rule_across_tokenizers(monkeypatch, capsys):
+    class Sized(CharTokenizer):
+        def __init__(self, n):
+            super().__init__()
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+    monkeypatch.setattr(members, "load_member", lambda spec, dtype="float32": (MODELS["toy0"], Sized(len(spec))))
+    for flags, msg in ((["--combiner", "me", "--greedy"], "use --combiner gac for --greedy"),
+                       (["--combiner", "logit_average"], "vocabularies differ .*--combiner gac")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["generate", "--member", "ab", "--member", "abc", "--prompt", "x"] + flags)
+        assert e.value.code == 2
+        import re
+
+        assert re.search(msg, capsys.readouterr().err)
+
+
+def test_eval_plot_without_matplotlib_is_an_error(monkeypatch, capsys, tmp_path):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_mpl(name, *a, **k):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError("No module named 'matplotlib'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["eval", "--member", "toy0", "--plot", str(tmp_path / "eval.png")])
+    assert e.value.code == 2  # before any member is loaded
+    assert "pip install 'jaxens[plot]'" in capsys.readouterr().err and not (tmp_path / "eval.png").exists()
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "train"])
+def test_help_shows_defaults(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    want = {"generate": "(default: logit_average)", "eval": "(default: 128)", "train": "(default: 300)"}[command]
+    assert want in text

@@ -384,7 +384,8 @@ def test_two_processes_jax_distributed():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_cpu_multi_thread_eigen=false",
                JAX_PLATFORMS="cpu")
     cmd = [sys.executable, str(root / "examples" / "sharded_decode.py"), "--coordinator", f"localhost:{port}",
-           "--num-processes", "2", "--check", "--new-tokens", "6", "--combiner", "logit_average"]
+           "--num-processes", "2", "--check", "--new-tokens", "6", "--combiner", "logit_average",
+           "--batch-axis", "2", "--vocab-axis", "4"]  # the mesh spans both processes' 4 devices
     procs = [subprocess.Popen(cmd + ["--process-id", str(i)], cwd=root, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outs = [p.communicate(timeout=1200)[0] for p in procs]

@@ -35,7 +35,7 @@ def test_real_alignment(alignment):
 @pytest.mark.parametrize("name", ["gac", "unite", "deepen", "safe", "me"])
 def test_real_methods_generate(name, smollm2, gemma3, smollm2_tokenizer, gemma3_tokenizer, alignment):
     method = {"gac": GaC(), "unite": UniTE(), "deepen": DeePEn(k=128, max_anchors=4096), "safe": SAFE(),
-              "me": MECross()}[name]
+              "me": MECross(per_member_truncation=True)}[name]
     sampler = Sampler(top_p=0.9, temperature=0.7) if name == "me" else Sampler(greedy=True)
     dec = CrossDecoder([smollm2, gemma3], [smollm2_tokenizer, gemma3_tokenizer], method, sampler, alignment=alignment)
     out = dec.generate(PROMPTS, 12, seed=0)

@@ -75,7 +75,7 @@ from jaxens.harness.evaluate.run import evaluate
 from jaxens.harness.evaluate.windows import EvalData, choose_targets, collect_logits, window_start
 from jaxens.harness.members import common_vocab
 from jaxens.harness.reports import EvalResult, eval_table, json_safe, write_json
-from jaxens.harness.reports import plot_eval as plot
+from jaxens.harness.plots import plot_eval as plot
 
 __all__ = [
     "CONSTRAINT_SETS", "CombinerRun", "DEFAULT_MEMBERS", "DEFAULT_TEXTS", "ECE_BINS", "EvalConfig", "EvalData",
