@@ -196,11 +196,12 @@ def check_me_sampling(args, across: bool) -> None:
         return
     flags = " / ".join(given)
     exact = "--combiner gac" if across else "--combiner prob_average"
+    what = ("GaC: the members averaged on the union vocabulary" if across
+            else "the prob_average combiner in the ordinary decode loop")
     raise ValueError(
         f"--combiner me samples the members' probability average exactly only without truncation, and {flags} "
         f"would apply to the one member drawn each step. Drop {flags} (--temperature is fine), use {exact} for "
-        f"{flags} of the combined distribution (the prob_average combiner in the ordinary decode loop"
-        f"{', or gac across tokenizers' if across else ''}), or add --me-per-member to truncate the drawn "
+        f"{flags} of the combined distribution ({what}), or add --me-per-member to truncate the drawn "
         "member's distribution (the published ME; not the mixture's truncation)"
     )
 

@@ -116,11 +116,11 @@ def _dots(ax, y, vals, intervals, infinite, labels_inf, color):
     for yy, v, iv, inf, lab in zip(y, vals, intervals, infinite, labels_inf):
         if inf:
             ax.plot([edge], [yy], marker=">", color="tab:red", ms=7, ls="none")
-            ax.text(edge, yy, f"  inf ({lab})", va="center", ha="left", fontsize=7, color="tab:red")
+            ax.text(edge, yy, f"inf ({lab})  ", va="center", ha="right", fontsize=7, color="tab:red")
             continue
         err = None if iv is None else [[v - iv[0]], [iv[1] - v]]
         ax.errorbar([v], [yy], xerr=err, fmt="o", color=color, ms=4, capsize=2, lw=1)
-    ax.set_xlim(lo, edge + 0.45 * (hi - lo))
+    ax.set_xlim(lo, edge + 0.05 * (hi - lo))
     ax.grid(axis="x", alpha=0.3)
 
 
@@ -151,10 +151,10 @@ def plot_eval(result: EvalResult, path: str | os.PathLike) -> bool:
     if members or ref is not None:
         axes[0].legend(fontsize=7, loc="lower right")
     acc = [float(r["top1"]) for r in rows]
-    acc_ci = [(a - Z95 * math.sqrt(a * (1 - a) / r["rows"]), a + Z95 * math.sqrt(a * (1 - a) / r["rows"]))
-              if r.get("rows") else None for a, r in zip(acc, rows)]
+    half = [Z95 * math.sqrt(a * (1 - a) / r["rows"]) if r.get("rows") else None for a, r in zip(acc, rows)]
+    acc_ci = [None if h is None else (max(0.0, a - h), min(1.0, a + h)) for a, h in zip(acc, half)]
     _dots(axes[1], y, acc, acc_ci, [False] * len(rows), [""] * len(rows), "tab:green")
-    axes[1].set_xlabel("top-1 accuracy (higher is better; 95 % normal interval)")
+    axes[1].set_xlabel("top-1 accuracy (higher is better; 95 % interval)")
     axes[0].set_yticks(y, [r["combiner"] for r in rows], fontsize=7)
     axes[0].invert_yaxis()
     m = result.meta

@@ -91,7 +91,7 @@ def test_cross_tokenizer_small():
 @pytest.mark.models
 @runs("train_member.py")
 def test_train_member_small(tmp_path):
-    out = _run("train_member.py", "--d-model", "16", "--layers", "1", "--steps", "10", "--out", str(tmp_path / "m"))
+    out = _run("train_member.py", "--d-model", "32", "--layers", "1", "--steps", "10", "--out", str(tmp_path / "m"))
     assert "test perplexity" in out, out
 
 

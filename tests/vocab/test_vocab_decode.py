@@ -136,7 +136,7 @@ def test_sharpen_groups_same_word():
 def test_methods_generate_batched(setup, method):
     al, models = setup
     meth = {"gac": GaC(), "unite": UniTE(k=4), "deepen": DeePEn(k=32, scale=20.0, max_anchors=64),
-            "me": MECross(weights=(0.5, 0.5)), "safe": SAFE(confidence=0.99, disagreement=0.0)}[method]
+            "me": MECross(weights=(0.5, 0.5), per_member_truncation=True), "safe": SAFE(confidence=0.99, disagreement=0.0)}[method]
     dec = CrossDecoder(models, list(al.views), meth, Sampler(top_k=20), alignment=al)
     out = dec.generate(["the cat", " dog"], 6, seed=3)
     assert len(out.texts) == 2 and out.steps <= 6
@@ -176,3 +176,13 @@ def test_bad_member_vocab(setup):
         CrossDecoder([models[0], small], list(al.views), GaC(), alignment=al)
     with pytest.raises(ValueError, match="weights"):
         CrossDecoder(models, list(al.views), GaC(weights=(1.0,)), alignment=al).generate(["a"], 1)
+
+
+def test_me_cross_refuses_truncation_unless_per_member(setup):
+    """One ME rule for one vocabulary and across tokenizers: truncation only with per_member_truncation."""
+    al, models = setup
+    with pytest.raises(ValueError, match="per_member_truncation=True"):
+        CrossDecoder(models, list(al.views), MECross(), Sampler(top_p=0.9), alignment=al).generate(["the cat"], 2)
+    out = CrossDecoder(models, list(al.views), MECross(), Sampler(temperature=0.7), alignment=al).generate(
+        ["the cat"], 2, seed=0)  # temperature applies to every member: exact, accepted
+    assert out.steps >= 1
