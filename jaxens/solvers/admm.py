@@ -54,7 +54,7 @@ from jaxens.problem import BottleneckProblem
 from jaxens.solvers.admm_ratio import ratio_value, solve_ratio
 from jaxens.solvers.adjoint import AbstractAdjoint, ImplicitAdjoint, UnrolledAdjoint, check_adjoint
 from jaxens.solvers.base import AbstractIterativeSolver, iterate
-from jaxens.solvers.fista import check_row
+from jaxens.solvers.fista import check_row, sanitize_row
 from jaxens.solvers.instances import LinearProgram, QuadraticProgram, RatioProgram
 from jaxens.solvers.polish import num_soft_cols, polish_qp, polish_size
 from jaxens.solvers.projections import column_weights, uniform_on
@@ -279,16 +279,7 @@ def _admm_solve(solver: ADMM, problem: BottleneckProblem, c, F, mask, m, rho, wa
     rho_s = jnp.asarray(rho, dtype)
     check_row(problem, c, F, mask, m, rho_s)
     v = problem.vocab_size
-    finite_in = (
-        jnp.all(jnp.isfinite(jnp.where(mask, c, 0.0)))
-        & jnp.all(jnp.isfinite(jnp.where(mask[:, None], F, 0.0)))
-        & jnp.all(jnp.isfinite(m))
-        & jnp.all(jnp.isfinite(rho_s))
-    )
-    c = jnp.where(mask & jnp.isfinite(c), c, 0.0)
-    F = jnp.where(jnp.isfinite(F) & mask[:, None], F, 0.0)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    rho_s = jnp.where(jnp.isfinite(rho_s), rho_s, 0.0)
+    finite_in, c, F, m, rho_s = sanitize_row(c, F, mask, m, rho_s)
     if ub is None:
         box = mask.astype(dtype)
     else:

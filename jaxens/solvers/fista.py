@@ -70,7 +70,7 @@ from jaxens.solvers.projections import column_weights, lipschitz, min_linear, pr
 from jaxens.solvers.solution import Solution, Status
 from jaxens.solvers.support_adjoint import support_adjoint
 
-__all__ = ["FISTA", "FISTAState", "check_row"]
+__all__ = ["FISTA", "FISTAState", "check_row", "sanitize_row"]
 
 _UNROLL_STEPS = 500  # UnrolledAdjoint(steps=None)
 
@@ -114,6 +114,23 @@ def check_row(problem, c, F, mask, m, rho):
         raise ValueError(f"m must have shape (D={D},) (problem.moments of one row), got {m.shape}")
     if jnp.shape(rho) != (n,):
         raise ValueError(f"rho must have shape (n={n},) (one weight per member), got {jnp.shape(rho)}")
+
+
+def sanitize_row(c, F, mask, m, rho):
+    """``(finite, c, F, m, rho)``: whether the row's data are finite (on the mask), and the data
+    with every non-finite entry (and ``c``, ``F`` off the mask) replaced by 0, so that a solver's
+    loop never sees NaN (the caller overwrites a non-finite row's answer)."""
+    finite = (
+        jnp.all(jnp.isfinite(jnp.where(mask, c, 0.0)))
+        & jnp.all(jnp.isfinite(jnp.where(mask[:, None], F, 0.0)))
+        & jnp.all(jnp.isfinite(m))
+        & jnp.all(jnp.isfinite(rho))
+    )
+    c = jnp.where(mask & jnp.isfinite(c), c, 0.0)
+    F = jnp.where(jnp.isfinite(F) & mask[:, None], F, 0.0)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    rho = jnp.where(jnp.isfinite(rho), rho, 0.0)
+    return finite, c, F, m, rho
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,20 +265,10 @@ def _fista_solve(
         if ub.shape != mask.shape:
             raise ValueError(f"ub must have shape {mask.shape}, got {ub.shape}")
 
-    finite_in = (
-        jnp.all(jnp.isfinite(jnp.where(mask, c, 0.0)))
-        & jnp.all(jnp.isfinite(jnp.where(mask[:, None], F, 0.0)))
-        & jnp.all(jnp.isfinite(m))
-        & jnp.all(jnp.isfinite(rho))
-        & jnp.isfinite(h)
-    )
+    finite_in, c, F, m, rho = sanitize_row(c, F, mask, m, rho)
+    finite_in &= jnp.isfinite(h)
     if ub is not None:
         finite_in &= jnp.all(jnp.isfinite(jnp.where(mask, ub, 0.0)))
-    # Sanitise so the loop never sees NaN (the row is overwritten at the end anyway).
-    c = jnp.where(mask & jnp.isfinite(c), c, 0.0)
-    F = jnp.where(jnp.isfinite(F) & mask[:, None], F, 0.0)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    rho = jnp.where(jnp.isfinite(rho), rho, 0.0)
     h = jnp.where(jnp.isfinite(h), h, 0.0)
     if ub is not None:
         ub = jnp.where(mask & jnp.isfinite(ub), ub, 0.0)

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +54,7 @@ from jaxtyping import Array, Float, Int
 from jaxens.problem import BottleneckProblem
 from jaxens.solvers.adjoint import AbstractAdjoint, ImplicitAdjoint, check_adjoint
 from jaxens.solvers.base import AbstractSolver
-from jaxens.solvers.fista import check_row
+from jaxens.solvers.fista import check_row, sanitize_row
 from jaxens.solvers.instances import LinearProgram, QuadraticProgram
 from jaxens.solvers.ipm import dense_qp_ipm
 from jaxens.solvers.projections import uniform_on
@@ -147,6 +147,19 @@ class WorkingSet(AbstractSolver):
         return _solve(self, problem, c, F, mask, m, rho, warm)
 
 
+class _Round(NamedTuple):
+    """The rounds loop's carry: the working set, the last priced answer and its certificate."""
+
+    S: Array
+    p: Array
+    gap: Array
+    resid: Array
+    rounds: Array
+    iters: Array
+    stop: Array
+    penalty: Array
+
+
 def _factor_bound(problem: BottleneckProblem) -> int:
     """An upper bound of the Hessian factor's columns (``n`` objective + the soft members'),
     which sizes the working set the same way for every objective."""
@@ -207,16 +220,7 @@ def _solve(solver: WorkingSet, problem: BottleneckProblem, c, F, mask, m, rho, w
     mask = jnp.asarray(mask, bool)
     rho = jnp.asarray(rho, dtype)
     check_row(problem, c, F, mask, m, rho)
-    finite_in = (
-        jnp.all(jnp.isfinite(jnp.where(mask, c, 0.0)))
-        & jnp.all(jnp.isfinite(jnp.where(mask[:, None], F, 0.0)))
-        & jnp.all(jnp.isfinite(m))
-        & jnp.all(jnp.isfinite(rho))
-    )
-    c = jnp.where(mask & jnp.isfinite(c), c, 0.0)
-    F = jnp.where(jnp.isfinite(F) & mask[:, None], F, 0.0)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    rho = jnp.where(jnp.isfinite(rho), rho, 0.0)
+    finite_in, c, F, m, rho = sanitize_row(c, F, mask, m, rho)
     params = (problem, c, F, m, rho)
     prob, c0, F0, m0, rho0 = jax.lax.stop_gradient(params)
     p_ng = (prob, c0, F0, m0, rho0)
@@ -272,8 +276,8 @@ def _solve(solver: WorkingSet, problem: BottleneckProblem, c, F, mask, m, rho, w
         resid = prob.hard_residual(p, m0)
         return p, d, gap, resid
 
-    def body(carry):
-        S, _, _, _, rounds, iters, _, penalty = carry
+    def body(carry: _Round) -> _Round:
+        S, penalty = carry.S, carry.penalty
         x, y, it, elastic = restricted(S, penalty)
         p, d, gap, resid = price(S, x, y)
         done = (gap <= tol) & (resid <= tol_res * mh_scale)
@@ -290,21 +294,14 @@ def _solve(solver: WorkingSet, problem: BottleneckProblem, c, F, mask, m, rho, w
         elastic_on = elastic > tol_res * mh_scale
         stuck = priced_out & (~elastic_on | (penalty >= 1e4 * first_penalty))
         penalty = jnp.where(elastic_on, 10.0 * penalty, penalty)
-        return S_next, p, gap, resid, rounds + 1, iters + it, done | stuck | ~jnp.isfinite(gap), penalty
+        return _Round(S_next, p, gap, resid, carry.rounds + 1, carry.iters + it,
+                      done | stuck | ~jnp.isfinite(gap), penalty)
 
-    init = (
-        S0,
-        jnp.zeros((v,), dtype),
-        jnp.asarray(jnp.inf, dtype),
-        jnp.asarray(jnp.inf, dtype),
-        jnp.zeros((), jnp.int32),
-        jnp.zeros((), jnp.int32),
-        jnp.zeros((), bool),
-        first_penalty,
-    )
-    S, p, gap, resid, rounds, iters, _, _ = jax.lax.while_loop(
-        lambda cr: (~cr[6]) & (cr[4] < solver.max_rounds), body, init
-    )
+    inf = jnp.asarray(jnp.inf, dtype)
+    zero = jnp.zeros((), jnp.int32)
+    init = _Round(S0, jnp.zeros((v,), dtype), inf, inf, zero, zero, jnp.zeros((), bool), first_penalty)
+    out = jax.lax.while_loop(lambda cr: ~cr.stop & (cr.rounds < solver.max_rounds), body, init)
+    S, p, gap, resid, iters = out.S, out.p, out.gap, out.resid, out.iters
     p = jnp.where(mask, jnp.maximum(p, 0.0), 0.0)
     tot = jnp.sum(p)
     finite = jnp.isfinite(tot) & (tot > 0)
