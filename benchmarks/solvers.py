@@ -130,7 +130,7 @@ def main(argv=None):
                 rel = (inst.c[r] @ p - refs[r]["objective"]) / abs(refs[r]["objective"]) if refs[r]["objective"] else np.nan
                 mpax_rows.append(dict(seconds=dt, status=st, rel_gap=float(rel), residual=res))
                 print(f"  MPAX row {r}: {dt:.2f}s status {st} rel gap {rel:.1e} residual {res:.1e}")
-        solvers = [("WorkingSet (default)", WorkingSet())] + ([("ADMM", ADMM())] if args.admm else [])
+        solvers = [("WorkingSet", WorkingSet())] + ([("ADMM", ADMM())] if args.admm else [])
         for b in args.batch:
             for name, solver in solvers:
                 sol, dt, comp = run_jaxens(solver, problem, inst.c[:b], M_all[:b], mask[:b])
