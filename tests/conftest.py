@@ -165,3 +165,18 @@ def smollm2_torch(smollm2_dir):
 @pytest.fixture(scope="session")
 def gemma3_torch(gemma3_dir):
     return _torch_model(gemma3_dir)
+
+
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """``import matplotlib`` (and its submodules) raises ImportError, as without the plot extra."""
+    import builtins
+
+    real = builtins.__import__
+
+    def no_mpl(name, *a, **k):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError("No module named 'matplotlib'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_mpl)

@@ -283,17 +283,7 @@ def test_one_me_rule_across_tokenizers(monkeypatch, capsys):
         assert re.search(msg, capsys.readouterr().err)
 
 
-def test_eval_plot_without_matplotlib_is_an_error(monkeypatch, capsys, tmp_path):
-    import builtins
-
-    real = builtins.__import__
-
-    def no_mpl(name, *a, **k):
-        if name.split(".")[0] == "matplotlib":
-            raise ImportError("No module named 'matplotlib'")
-        return real(name, *a, **k)
-
-    monkeypatch.setattr(builtins, "__import__", no_mpl)
+def test_eval_plot_without_matplotlib_is_an_error(no_matplotlib, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         cli.main(["eval", "--member", "toy0", "--plot", str(tmp_path / "eval.png")])
     assert e.value.code == 2  # before any member is loaded

@@ -67,16 +67,6 @@ def test_plot_bpb_inf_rows(tmp_path, monkeypatch):
     assert ax.get_xlim()[0] > 1.5 and not ax.patches
 
 
-def test_without_matplotlib_plots_raise_naming_the_extra(monkeypatch):
-    import builtins
-
-    real = builtins.__import__
-
-    def no_mpl(name, *a, **k):
-        if name.split(".")[0] == "matplotlib":
-            raise ImportError("No module named 'matplotlib'")
-        return real(name, *a, **k)
-
-    monkeypatch.setattr(builtins, "__import__", no_mpl)
+def test_without_matplotlib_plots_raise_naming_the_extra(no_matplotlib):
     with pytest.raises(ImportError, match=r"pip install 'jaxens\[plot\]'"):
         plots.pyplot()
