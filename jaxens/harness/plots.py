@@ -7,9 +7,10 @@ number of such positions, never as a finite bar.  Reference lines are labelled i
 
 Intervals, in order of preference (read defensively from the rows):
 
-1. an interval the row carries: ``nll_ci_low`` / ``nll_ci_high``, ``ci_low`` / ``ci_high``,
-   ``nll_ci = [lo, hi]``, or an interval of the paired difference (``dnll_ci_low`` /
-   ``dnll_ci_high`` / ``dnll_ci``) shifted onto the row's NLL;
+1. an interval the row carries: ``nll_ci_low`` / ``nll_ci_high`` or ``nll_ci = [lo, hi]`` (of the
+   NLL), or ``ci_low`` / ``ci_high`` (what :func:`jaxens.harness.evaluate.metrics` writes: the
+   paired bootstrap interval of the difference ``delta`` to the tuned reference) shifted onto
+   the row's NLL;
 2. a percentile bootstrap over per-position values the row carries (``nll_per_position`` or
    ``_lt``, log-probabilities of the observed tokens): :math:`B` resamples of the positions, the
    2.5 and 97.5 percentiles of the resampled means (:func:`bootstrap_interval`);
@@ -78,14 +79,11 @@ def _listed(r: dict, key: str):
 
 def nll_interval(r: dict) -> tuple[tuple[float, float] | None, str]:
     """``((lo, hi), source)`` for a row's NLL (see the module doc), ``(None, "")`` when none applies."""
-    for lo, hi in (("nll_ci_low", "nll_ci_high"), ("ci_low", "ci_high")):
-        if (ci := _pair(r, lo, hi)) is not None:
-            return ci, "carried"
-    if (ci := _listed(r, "nll_ci")) is not None:
+    if (ci := _pair(r, "nll_ci_low", "nll_ci_high") or _listed(r, "nll_ci")) is not None:
         return ci, "carried"
-    d, nll = r.get("dnll"), r.get("nll")
+    d, nll = r.get("delta", r.get("dnll")), r.get("nll")
     shift = nll - d if isinstance(d, float) and math.isfinite(d) and math.isfinite(nll) else None
-    dci = _pair(r, "dnll_ci_low", "dnll_ci_high") or _listed(r, "dnll_ci")
+    dci = _pair(r, "ci_low", "ci_high")
     if dci is not None and shift is not None:
         return (dci[0] + shift, dci[1] + shift), "carried"
     per = r.get("nll_per_position")

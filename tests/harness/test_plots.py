@@ -21,8 +21,10 @@ def test_bootstrap_interval_matches_the_normal_interval_for_many_positions():
 
 def test_interval_sources_in_order():
     base = {"nll": 3.0, "dnll": 0.5, "dnll_se": 0.1}
-    assert plots.nll_interval({**base, "ci_low": 2.9, "ci_high": 3.2}) == ((2.9, 3.2), "carried")
-    assert plots.nll_interval({**base, "dnll_ci": [0.4, 0.7]}) == (pytest.approx((2.9, 3.2)), "carried")
+    assert plots.nll_interval({**base, "nll_ci_low": 2.9, "nll_ci_high": 3.2}) == ((2.9, 3.2), "carried")
+    # ci_low / ci_high as the evaluation writes them: the interval of the difference to the reference
+    assert plots.nll_interval({**base, "ci_low": 0.4, "ci_high": 0.7}) == (pytest.approx((2.9, 3.2)), "carried")
+    assert plots.nll_interval({**base, "delta": 0.5, "ci_low": 0.4, "ci_high": 0.7})[0] == pytest.approx((2.9, 3.2))
     ci, src = plots.nll_interval({**base, "_lt": -np.linspace(2.0, 4.0, 200)})
     assert src == "bootstrap" and ci[0] < 3.0 < ci[1]
     assert plots.nll_interval(base) == (pytest.approx((3.0 - 0.196, 3.0 + 0.196), rel=1e-3), "paired s.e.")
