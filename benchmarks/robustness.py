@@ -403,8 +403,15 @@ def families_main(args) -> int:
     if os.path.exists(args.out):
         with open(args.out) as fh:
             data = json.load(fh)
-    data["status_contract"] = dict(command=" ".join(sys.argv), jax=jax.__version__, total_violations=total,
-                                   seconds=time.perf_counter() - t0, rows=rows)
+    # runs accumulate: a row replaces the earlier one of the same (family, dtype, objective)
+    command = " ".join(["python"] + sys.argv)
+    for r in rows:
+        r["command"] = command
+    prev = data.get("status_contract", {}).get("rows", [])
+    keys = {(r["family"], r["dtype"], r["objective"]) for r in rows}
+    merged = [r for r in prev if (r["family"], r["dtype"], r["objective"]) not in keys] + rows
+    data["status_contract"] = dict(jax=jax.__version__, rows=merged,
+                                   total_violations=sum(sum(r["violations"].values()) for r in merged))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(data, fh, indent=1, default=float)

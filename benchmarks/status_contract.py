@@ -156,7 +156,8 @@ def check_family(objective: str, dtype: str, inst, solve_batch, residual_tol, St
         worst_res = max(worst_res, res / rtol)
         if gap > FACTOR * gtol:
             counts["solved_gap"] += 1
-            examples.append(dict(row=b, kind="gap", gap=gap, tol=gtol, iterations=int(sol["iterations"][b])))
+            examples.append(dict(row=b, kind="gap", gap=gap, tol=gtol, reported_gap=float(sol["gap"][b]),
+                                 iterations=int(sol["iterations"][b])))
         if res > FACTOR * rtol:
             counts["solved_residual"] += 1
             examples.append(dict(row=b, kind="residual", residual=res, tol=rtol))
