@@ -19,6 +19,7 @@ checked against the numerical contract of ``docs/numerics.md`` (:func:`check_row
 
     python benchmarks/robustness.py            # 10,752 instances (7 objectives x 4 buckets x 2 dtypes x 192)
     python benchmarks/robustness.py --quick    # smoke run (a few hundred instances)
+    python benchmarks/robustness.py --families # status-contract violations, non-degenerate Gaussian family
 
 Prints a table per objective (instances, NaNs, wrong statuses, status counts, worst residual
 per status) and writes ``results/robustness.json``.  Exit code 1 if any contract check fails.
@@ -291,7 +292,15 @@ def main(argv=None) -> int:
     ap.add_argument("--determinism", action="store_true", help="solve every batch twice and compare bits")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="results/robustness.json")
+    ap.add_argument("--families", action="store_true",
+                    help="status-contract violations on the non-degenerate Gaussian family (status_contract.py)")
+    ap.add_argument("--family-v", type=int, nargs="*", default=[1024, 4096])
+    ap.add_argument("--family-rows", type=int, default=4)
+    ap.add_argument("--family-n", type=int, default=2)
+    ap.add_argument("--family-d", type=int, default=16)
     args = ap.parse_args(argv)
+    if args.families:
+        return families_main(args)
     buckets = BUCKETS[:2] if args.quick else BUCKETS
     if args.quick:
         args.batch = min(args.batch, 32)
@@ -370,6 +379,43 @@ def main(argv=None) -> int:
             indent=1,
         )
     return 1 if bad else 0
+
+
+def families_main(args) -> int:
+    """``--families``: the status-contract counts per objective and family, merged into ``--out``."""
+    from status_contract import VIOLATIONS, run_families
+
+    dtypes = args.dtypes
+    if "float64" in dtypes:
+        jax.config.update("jax_enable_x64", True)
+    t0 = time.perf_counter()
+    rows = run_families(args.objectives, dtypes, args.family_v, args.family_rows, args.family_n, args.family_d,
+                        args.seed, solve_batch, residual_tol, Status)
+    total = sum(sum(r["violations"].values()) for r in rows)
+    print(f"status-contract violations on the non-degenerate families: {total} "
+          f"({sum(r['rows'] for r in rows)} rows, {time.perf_counter() - t0:.0f}s)")
+    print("| family | dtype | objective | rows | " + " | ".join(VIOLATIONS) + " | INFEASIBLE on feasible | statuses |")
+    for r in rows:
+        print(f"| {r['family']} | {r['dtype']} | `{r['objective']}` | {r['rows']} | "
+              + " | ".join(str(r["violations"][k]) for k in VIOLATIONS)
+              + f" | {r['infeasible_on_feasible']} | {r['status']} |")
+    data = {}
+    if os.path.exists(args.out):
+        with open(args.out) as fh:
+            data = json.load(fh)
+    # runs accumulate: a row replaces the earlier one of the same (family, dtype, objective)
+    command = " ".join(["python"] + sys.argv)
+    for r in rows:
+        r["command"] = command
+    prev = data.get("status_contract", {}).get("rows", [])
+    keys = {(r["family"], r["dtype"], r["objective"]) for r in rows}
+    merged = [r for r in prev if (r["family"], r["dtype"], r["objective"]) not in keys] + rows
+    data["status_contract"] = dict(jax=jax.__version__, rows=merged,
+                                   total_violations=sum(sum(r["violations"].values()) for r in merged))
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(data, fh, indent=1, default=float)
+    return 1 if total else 0
 
 
 if __name__ == "__main__":

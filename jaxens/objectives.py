@@ -111,13 +111,14 @@ class RowData(NamedTuple):
 
     logp: Float[Array, "n v"]  # member log-probabilities, -inf where masked, finite elsewhere
     mask: Bool[Array, " v"]  # tokens allowed for this objective
-    nonfinite: Bool[Array, ""]  # NaN / +inf in the member logits
+    nonfinite: Bool[Array, ""]  # NaN / +inf in the member logits, or a member with every token -inf
     weights: Float[Array, " n"]  # normalised, sum to one
 
 
 def row_data(objective: str, logits: Float[Array, "n v"], weights: Float[Array, " n"]) -> RowData:
     """Member log-probs, the objective's token mask and a non-finite flag for one row."""
-    bad = jnp.isnan(logits) | (logits == jnp.inf)
+    # NaN / +inf anywhere, or a member that masks every token (log_softmax would be NaN)
+    bad = jnp.isnan(logits) | (logits == jnp.inf) | jnp.all(logits == -jnp.inf, axis=-1, keepdims=True)
     nonfinite = jnp.any(bad)
     logp = jax.nn.log_softmax(jnp.where(bad, 0.0, logits), axis=-1)
     ruled_out = logp == -jnp.inf

@@ -2,7 +2,8 @@
 
 Subcommands: ``generate`` (:mod:`jaxens.cli.generate`), ``train`` (:mod:`jaxens.cli.train`),
 ``eval`` (:mod:`jaxens.cli.eval`); the cross-tokenizer parts are :mod:`jaxens.cli.vocab`.
-A ``ValueError`` raised by a subcommand exits with status 2 and ``jaxens <command>: error: ...``.
+A ``ValueError`` or ``OSError`` raised by a subcommand exits with status 2 and one line
+``jaxens <command>: error: ...`` (no traceback).
 
 Before a subcommand runs, :func:`main` turns on jax's persistent compilation cache
 (:func:`jaxens.harness.compile_cache.enable_compile_cache`; every subcommand takes
@@ -47,3 +48,7 @@ def main(argv=None) -> int:
         return args.func(args)
     except ValueError as e:
         parser.exit(2, f"jaxens {args.command}: error: {e}\n")
+    except OSError as e:  # a file or directory that cannot be read or written: one line, no traceback
+        where = f" ({e.filename})" if e.filename else ""
+        parser.exit(2, f"jaxens {args.command}: error: {e.strerror or e}{where}; check that the path exists and "
+                       f"is writable (the jaxens cache is $JAXENS_CACHE)\n")

@@ -10,6 +10,7 @@ import time
 import warnings
 from pathlib import Path
 
+from jaxens.combiners.base import check_weights
 from jaxens.cli.vocab import add_cross_eval_args, parse_vocab_options
 from jaxens.harness import members as jmembers
 from jaxens.harness.data import data_root, read_text, split_part, split_tokens
@@ -90,14 +91,16 @@ def cmd_eval(args, out=None, err=None) -> int:
     texts = list(args.text or [str(data_root() / t) for t in DEFAULT_TEXTS])
     for t in texts:  # bad texts fail before any checkpoint loads
         read_text(t)
+    if getattr(args, "weights", None) is not None:  # bad weights too
+        check_weights(args.weights, len(specs), owner="--weights")
     if args.split == "validation":
         warnings.warn("evaluating on the validation split, which is also used for tuning", stacklevel=1)
     loaded = []
     for s in specs:
         try:
             loaded.append(jmembers.load_member(s, args.dtype))
-        except ValueError as e:
-            raise ValueError(f"member {s!r}: {e}") from None
+        except ValueError as e:  # name the member once (load_member's messages may already)
+            raise ValueError(str(e) if str(e).startswith(f"member {s!r}") else f"member {s!r}: {e}") from None
     names = [display_name(s) for s in specs]
     log = lambda s: err.write(f"[jaxens eval] {s}\n")  # noqa: E731
     if getattr(args, "cross_methods", None) or vocabularies_differ(loaded):

@@ -33,6 +33,7 @@ from jaxens.decode import COMBINERS, Decoder, make_combiner
 from jaxens.harness import members as jmembers
 from jaxens.solvers.defaults import default_solver
 from jaxens.harness.members import vocabularies_differ
+from jaxens.combiners.base import check_weights
 from jaxens.combiners.mixture import MixtureEnsemble
 from jaxens.sampling import Sampler
 
@@ -86,14 +87,14 @@ def add_generate_parser(sub) -> None:
     g.add_argument("--member", action="append", help="zoo name, HF directory or .gguf (repeat; required)")
     g.add_argument("--combiner", default="logit_average", help="combiner name (see --list-combiners)")
     g.add_argument("--weights", type=float, nargs="+", help="one weight per member")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (>= 1)")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     g.add_argument("--top-k", type=int, help="keep the K likeliest tokens")
     g.add_argument("--top-p", type=float, help="nucleus sampling mass")
     g.add_argument("--min-p", type=float, help="drop tokens below P x the top probability")
     g.add_argument("--greedy", action="store_true", help="take the likeliest token each step")
     src = g.add_mutually_exclusive_group()
-    src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    src.add_argument("--prompt", action="append", help="prompt text, not empty (repeat for a batch)")
     src.add_argument("--prompts-file", "--prompt-file", dest="prompt_file",
                      help="one prompt per non-empty line ('-' for stdin), decoded in batches of --batch-size")
     g.add_argument("--batch-size", type=int, help="prompts decoded together (None: all in one batch)")
@@ -291,13 +292,18 @@ def cmd_generate(args, out=None, err=None) -> int:
                          f"and across tokenizers {', '.join(sorted(CROSS_METHODS))} (see --list-combiners)")
     if args.weights is not None and len(args.weights) != len(args.member):
         raise ValueError(f"--weights has {len(args.weights)} values for {len(args.member)} members")
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    check_weights(args.weights, len(args.member), owner="--weights")  # the combiners' own check, before loading
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens} (nothing to generate)")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if cross:
         check_me_sampling(args, across=True)
     prompts = _read_prompts(args)
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"--prompt {i} is empty: give some text to continue (jaxens does not generate "
+                             "from the BOS token alone)")
     loaded = [jmembers.load_member(m, args.dtype) for m in args.member]
     differ = vocabularies_differ(loaded)
     check_me_sampling(args, across=cross or differ)

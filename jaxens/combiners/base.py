@@ -16,8 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Bool, Float
+import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 
 class EmptyState(NamedTuple):
@@ -25,7 +27,26 @@ class EmptyState(NamedTuple):
 
 
 class AveragingInfo(NamedTuple):
-    nonfinite: Bool[Array, " B"]  # row had NaN/+inf logits; its output is the uniform fallback
+    r"""Per-row diagnostics of the averaging combiners (the status contract every combiner follows).
+
+    Example::
+
+        log_p, _, info = prob_average().combine([l1, l2], None)
+        info.status           # (B,) Status codes: SOLVED, NONFINITE_INPUT, INFEASIBLE
+        info.bad_members      # (B, n): member i's row b held NaN / +inf or was all -inf
+
+    * ``status[b]`` - ``SOLVED``: every member's row was usable; ``NONFINITE_INPUT``: some member's
+      row ``b`` held NaN / ``+inf`` or masked every token (``-inf`` everywhere); that member is
+      dropped from row ``b`` and the others are combined with their weights renormalised,
+      :math:`\tilde w_i \propto w_i [i \text{ usable}]` (the uniform distribution when no member with
+      :math:`w_i > 0` is usable); ``INFEASIBLE`` (logit averaging only): the members' supports do
+      not intersect, the product of experts is empty, and the row is their probability average.
+    * ``bad_members[b, i]`` names the members dropped from row ``b``; ``nonfinite[b]`` is their ``any``.
+    """
+
+    status: Int[Array, " B"]
+    bad_members: Bool[Array, "B n"]
+    nonfinite: Bool[Array, " B"]
 
 
 class Combiner(NamedTuple):
@@ -44,6 +65,18 @@ class Combiner(NamedTuple):
 
     init: Callable[[int], Any]
     combine: Callable[[Sequence[Float[Array, "B v"]], Any], tuple[Float[Array, "B v"], Any, Any]]
+
+
+def unusable_members(logits: Sequence[ArrayLike]) -> Bool[Array, "B n"]:
+    r"""``bad[b, i]``: member ``i``'s logits for row ``b`` hold NaN or ``+inf``, or are ``-inf`` on every
+    token (no distribution); such a row gets status ``NONFINITE_INPUT`` from every combiner.
+
+    Example::
+
+        unusable_members([jnp.array([[0.0, 1.0]]), jnp.array([[-jnp.inf, -jnp.inf]])])   # [[False, True]]
+    """
+    x = jnp.stack([jnp.asarray(l) for l in logits], axis=1)
+    return jnp.any(jnp.isnan(x) | (x == jnp.inf), axis=-1) | jnp.all(x == -jnp.inf, axis=-1)
 
 
 def check_member_logits(logits: Sequence[ArrayLike], num_members: int | None = None) -> tuple[int, int]:
@@ -74,31 +107,78 @@ def check_member_logits(logits: Sequence[ArrayLike], num_members: int | None = N
     return shapes[0]
 
 
-def check_weights(weights: Any, n: int, dtype=jnp.float32, *, owner: str = "the combiner") -> Array:
-    """Member weights as an ``(n,)`` array of ``dtype``: uniform ``1/n`` when ``None``; the shape
-    is checked at trace time (``ValueError`` naming ``owner``).  Not normalised: see
-    :func:`normalized_weights`."""
+WEIGHTS_FIX = "pass one finite weight >= 0 per member, not all zero (e.g. 1 1 for two equal members), or no weights for uniform ones"
+
+
+def _shown(weights: Any) -> Any:
+    try:
+        return np.asarray(jax.device_get(weights), np.float64).tolist()
+    except (TypeError, ValueError):
+        return weights
+
+
+def _value_error(owner: str, problem: str, weights: Any) -> ValueError:
+    return ValueError(f"{owner}: weights must be finite, >= 0 and not all zero ({problem}), got {_shown(weights)}; "
+                      f"{WEIGHTS_FIX}")
+
+
+def _length_error(owner: str, w: Any, n: int) -> ValueError:
+    return ValueError(f"{owner} has {np.size(w)} weights but the ensemble has {n} members: weights must have "
+                      f"shape ({n},) (one per member), got {np.shape(w)}")
+
+
+def check_weights(weights: Any, n: int | None, dtype=jnp.float32, *, owner: str = "the combiner") -> Any:
+    r"""The one check of member weights (every combiner, same- and cross-vocabulary, and the CLI's
+    ``--weights``): ``None`` -> uniform :math:`1/n`; otherwise one weight per member,
+    :math:`w_i \ge 0`, finite, :math:`\sum_i w_i > 0`, else a ``ValueError`` naming ``owner``, the
+    problem and the fix.  Concrete weights (lists, numpy, jax arrays) are checked in full and come
+    back as a numpy array of ``dtype``; traced weights (under ``jit``/``grad``) only by shape.
+    ``n=None`` (a factory that does not know the ensemble yet) checks everything but the length.
+    Not normalised: see :func:`normalized_weights`.
+
+    Example::
+
+        check_weights([0.7, 0.3], 2)           # array([0.7, 0.3], dtype=float32)
+        check_weights([1.0, -1.0], 2)          # ValueError: ... a negative weight ...
+    """
     if weights is None:
-        return jnp.full((n,), 1.0 / n, dtype)
-    w = jnp.asarray(weights, dtype)
-    if w.shape != (n,):
-        raise ValueError(
-            f"{owner} has {w.size} weights but the ensemble has {n} members: "
-            f"weights must have shape ({n},) (one per member), got {w.shape}"
-        )
-    return w
+        return None if n is None else np.full((n,), 1.0 / n, dtype)
+    if isinstance(weights, jax.core.Tracer):
+        w = jnp.asarray(weights, dtype)
+        if n is not None and w.shape != (n,):
+            raise _length_error(owner, w, n)
+        return w
+    try:
+        w = np.asarray(jax.device_get(weights), np.float64)
+    except (TypeError, ValueError):
+        raise _value_error(owner, "not numbers", weights) from None
+    if n is not None and w.shape != (n,):
+        raise _length_error(owner, w, n)
+    if w.ndim != 1:
+        raise ValueError(f"{owner}: weights must be a vector (one per member), got shape {w.shape}")
+    if not np.all(np.isfinite(w)):
+        raise _value_error(owner, "a weight is NaN or infinite", weights)
+    if np.any(w < 0):
+        raise _value_error(owner, "a weight is negative", weights)
+    if not w.sum() > 0:
+        raise _value_error(owner, "all weights are zero", weights)
+    return w.astype(dtype)
 
 
-def normalized_weights(weights: Any, n: int, dtype=jnp.float32, *, owner: str = "the combiner") -> Array:
+def normalized_weights(weights: Any, n: int, dtype=jnp.float32, *, owner: str = "the combiner") -> Any:
     r"""Mixture weights on the simplex: :math:`\tilde w_i = w_i / \sum_k w_k` (uniform when ``None``).
 
-    The one place member weights are checked and normalised (:func:`check_weights`, then the
-    division); jit- and grad-friendly.
+    The one place member weights are checked (:func:`check_weights`) and normalised, for the
+    same-vocabulary combiners and the cross-tokenizer methods alike: concrete weights are
+    normalised in float64 and returned as a numpy array of ``dtype``; traced ones (jit, grad)
+    as a jax array.
 
     Example::
 
         normalized_weights([2.0, 1.0, 1.0], 3)        # [0.5, 0.25, 0.25]
         normalized_weights(None, 4)                   # [0.25, 0.25, 0.25, 0.25]
     """
-    w = check_weights(weights, n, dtype, owner=owner)
+    w = check_weights(weights, n, np.float64 if not isinstance(weights, jax.core.Tracer) else dtype, owner=owner)
+    if isinstance(w, np.ndarray):
+        return (w / w.sum()).astype(dtype)
     return w / jnp.sum(w)

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from jaxens.combiners.base import unusable_members
 from jaxens.problem import BottleneckProblem
 from jaxens.solvers.least_squares import least_squares
 from jaxens.solvers.fista import FISTA
@@ -119,11 +120,16 @@ def bat_token_mask(
     acc = bat_accept(problem, p_hat, m, candidates, delta, threshold, solver, feas_rtol)
     v = problem.vocab_size
     keep = jnp.zeros((v,), bool).at[jnp.asarray(candidates)].max(acc)
-    return keep.at[jnp.argmax(p_hat)].set(True)
+    return keep.at[jnp.argmax(jnp.nan_to_num(jnp.asarray(p_hat), nan=-1.0))].set(True)
 
 
 def bat_logits(
     logits: Float[Array, " v"], keep: Bool[Array, " v"]
 ) -> Float[Array, " v"]:
-    """Logits for sampling from the truncated distribution: ``-inf`` where ``keep`` is False."""
-    return jnp.where(keep, logits, -jnp.inf)
+    """Logits for sampling from the truncated distribution: ``-inf`` where ``keep`` is False.
+
+    Unusable logits (NaN / ``+inf`` anywhere, or ``-inf`` on every token; the solves of
+    :func:`bat_solve` then report ``NONFINITE_INPUT``) give the uniform distribution (zeros),
+    never NaN and never an empty support."""
+    bad = unusable_members([logits[None]])[0, 0]
+    return jnp.where(bad, jnp.zeros_like(logits), jnp.where(keep, logits, -jnp.inf))

@@ -189,6 +189,8 @@ def bottleneck(
     solver = default_solver(objective) if solver is None else solver
     if isinstance(lam, (int, float)) and not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam (smoothing weight) must be in [0, 1], got {lam}")
+    check_weights(weights, n, owner="bottleneck")  # negative, zero, NaN or too few/many: an error now
+    _check_rho(rho, n)
     if problem.soft and rho is None:
         raise ValueError(
             f"problem has soft members {problem.soft}; pass rho (a scalar or one value per member)"
@@ -241,7 +243,7 @@ def bottleneck(
             )
         dtype = problem.A.dtype
         x = jnp.stack([jnp.asarray(l, dtype) for l in logits], axis=1)  # (B, n, v)
-        w = check_weights(weights, n, dtype)
+        w = jnp.asarray(check_weights(weights, n, dtype, owner="bottleneck"), dtype)
         r = _rho(dtype)
         if state is None:
             state = init(B)
@@ -266,6 +268,19 @@ def bottleneck(
         return logp, BottleneckState(new_warm, jnp.ones((B,), bool), prob), sol
 
     return Combiner(init, combine)
+
+
+def _check_rho(rho: Any, n: int) -> None:
+    """``rho`` (soft-constraint strengths) must be finite and ``>= 0`` (concrete values; traced
+    ones are the caller's)."""
+    if rho is None or isinstance(rho, jax.core.Tracer):
+        return
+    r = jnp.ravel(jnp.asarray(rho, jnp.float32))
+    if r.size not in (1, n):
+        raise ValueError(f"rho must be a scalar or have shape ({n},), got {jnp.shape(rho)}")
+    if not bool(jnp.all(jnp.isfinite(r) & (r >= 0))):
+        raise ValueError(f"rho (soft-constraint strength) must be finite and >= 0, got {r.tolist()}; "
+                         "a negative rho rewards violating the constraint (use 0 to switch a member off)")
 
 
 def _cold_warm(problem: BottleneckProblem, objective: str, solver: Any, dtype) -> Any:

@@ -32,6 +32,10 @@ only ``max_pending`` slots of slack.  Eager catch-ups are counted in the statist
 whose index depends only on the drawn member and the pending counts (shared by the whole
 batch), so a member that is neither drawn nor full runs nothing in that step.
 
+**Unusable logits.**  A row where the drawn member's logits hold NaN / ``+inf`` or are ``-inf`` on
+every token samples from the uniform distribution at that step (never NaN), flagged per row in
+:attr:`MEStepInfo.nonfinite` and counted per member in :attr:`MEStats.nonfinite_draws`.
+
 **Truncating samplers are not exact under ME.**  Sampling token :math:`j` from
 :math:`\hat p_{i}` with probability :math:`w_i` reproduces the mixture only for *plain*
 sampling.  Greedy, top-k, top-p and min-p of the mixture need every member's distribution,
@@ -50,22 +54,23 @@ which ME does not compute.  The published ME code applies them to the drawn memb
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jaxens.combiners.averaging import prob_average
-from jaxens.combiners.base import Combiner, normalized_weights
+from jaxens.combiners.base import Combiner, check_weights, normalized_weights, unusable_members
 
 
 class MEStepInfo(NamedTuple):
     member: Int[Array, ""]  # member drawn this step
     processed: Int[Array, " n"]  # pending tokens each member consumed this step
     eager: Bool[Array, " n"]  # member was caught up eagerly (pending buffer full, not drawn)
+    nonfinite: Bool[Array, " B"]  # the drawn member's row held NaN / +inf / all -inf: uniform this step
 
 
 class MEStats(NamedTuple):
@@ -74,6 +79,7 @@ class MEStats(NamedTuple):
     draws: Int[Array, " n"]  # steps on which member i was drawn
     forward_tokens: Int[Array, " n"]  # tokens member i ran its forward on (incl. prompt tail)
     eager_catchups: Int[Array, " n"]  # eager catch-ups of member i
+    nonfinite_draws: Int[Array, " n"]  # steps member i was drawn and gave some row NaN / +inf / all -inf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,9 +109,7 @@ class MixtureEnsemble:
 
     def __post_init__(self):
         if self.weights is not None:
-            w = tuple(float(x) for x in self.weights)
-            if any(not math.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
-                raise ValueError(f"ME weights must be finite, >= 0 and not all zero, got {w}")
+            w = tuple(float(x) for x in check_weights(self.weights, None, np.float64, owner="ME"))
             object.__setattr__(self, "weights", w)
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
@@ -131,7 +135,7 @@ class MixtureEnsemble:
 
     def normalized_weights(self, n: int) -> Float[Array, " n"]:
         r""":math:`\tilde w = w / \sum_k w_k` for ``n`` members (float32; uniform when ``weights`` is None)."""
-        return normalized_weights(self.weights, n, jnp.float32, owner="ME")
+        return jnp.asarray(normalized_weights(self.weights, n, jnp.float32, owner="ME"))
 
     def exact_combiner(self) -> Combiner:
         """The combiner whose plain sampling ME reproduces exactly: probability averaging."""
@@ -150,7 +154,7 @@ class MixtureEnsemble:
 
     def init_stats(self, n: int) -> MEStats:
         z = jnp.zeros((n,), jnp.int32)
-        return MEStats(z, z, z)
+        return MEStats(z, z, z, z)
 
     def update_stats(self, stats: MEStats, info: MEStepInfo) -> MEStats:
         n = stats.draws.shape[0]
@@ -158,6 +162,7 @@ class MixtureEnsemble:
             stats.draws + (jnp.arange(n) == info.member).astype(jnp.int32),
             stats.forward_tokens + info.processed,
             stats.eager_catchups + info.eager.astype(jnp.int32),
+            stats.nonfinite_draws + ((jnp.arange(n) == info.member) & jnp.any(info.nonfinite)).astype(jnp.int32),
         )
 
 
@@ -230,8 +235,8 @@ def me_step(
         eager.append(run & (drawn != j))
         new_cached.append(jnp.where(run, length, cached[j]))
     logits = jnp.stack(outs)[drawn]
-    bad = jnp.any(jnp.isnan(logits) | (logits == jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(bad, 0.0, logits)  # a non-finite row falls back to uniform, never NaN
+    bad = unusable_members([logits])[:, 0]
+    logits = jnp.where(bad[:, None], 0.0, logits)  # an unusable row (NaN, +inf, all -inf) is uniform, never NaN
     log_probs = jax.nn.log_softmax(logits / ens.temperature, axis=-1)
-    info = MEStepInfo(drawn, jnp.stack(processed).astype(jnp.int32), jnp.stack(eager))
+    info = MEStepInfo(drawn, jnp.stack(processed).astype(jnp.int32), jnp.stack(eager), bad)
     return log_probs, tuple(new_caches), jnp.stack(new_cached).astype(jnp.int32), info

@@ -13,10 +13,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from jaxens.combiners.averaging import logit_average, prob_average
-from jaxens.combiners.base import Combiner
+from jaxens.combiners.base import Combiner, unusable_members
 from jaxens.combiners.bottleneck import bottleneck
 from jaxens.combiners.mixture import MixtureEnsemble, me
 from jaxens.decode.api import shared_vocab_size
@@ -57,14 +57,17 @@ class BottleneckDecodeInfo(NamedTuple):
 
     Aggregated by the decoder (:mod:`jaxens.decode.stats`) into ``status``: a histogram over
     :class:`jaxens.solvers.solution.Status` codes (``(B, 8)``: steps each row ended SOLVED /
-    MAX_ITERS / INFEASIBLE / ...) and maxima over the steps of ``iterations``,
-    ``primal_residual`` and ``gap``.
+    MAX_ITERS / INFEASIBLE / ...), maxima over the steps of ``iterations``,
+    ``primal_residual`` and ``gap``, and ``bad_members`` ``(B, n)``: steps on which member ``i``'s
+    logits for row ``b`` were unusable (NaN / ``+inf`` / all ``-inf``; the row is then
+    ``NONFINITE_INPUT``, see :func:`jaxens.combiners.base.unusable_members`).
     """
 
     status: Int[Array, " B"]
     iterations: Float[Array, " B"]
     primal_residual: Float[Array, " B"]
     gap: Float[Array, " B"]
+    bad_members: Bool[Array, "B n"]
 
 
 def _hard_members(hard: Any) -> Any:
@@ -138,6 +141,7 @@ def bottleneck_combiner(
             sol.iterations.astype(jnp.float32),
             sol.primal_residual.astype(jnp.float32),
             sol.gap.astype(jnp.float32),
+            unusable_members(logits),
         )
         return logp, state, info
 

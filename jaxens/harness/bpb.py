@@ -42,11 +42,12 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxens.combiners.base import normalized_weights
 from jaxens.harness.teacher_forcing import context_token, teacher_forced_log_probs
 from jaxens.models.forward import token_nll
 from jaxens.vocab import make_cross_method
 from jaxens.vocab.align import TokenizerView, as_view, common_boundaries, token_offsets, word_boundaries
-from jaxens.vocab.cross_decode import CrossMethod, normalized_weights
+from jaxens.vocab.cross_decode import CrossMethod
 
 LN2 = float(np.log(2.0))
 DEFAULT_LAMBDA = 1e-3
@@ -99,7 +100,7 @@ def word_mixture_bits_per_byte(members, tokenizers, text: str, weights=None, chu
     n = len(members)
     if n != len(tokenizers) or n == 0:
         raise ValueError(f"got {n} members and {len(tokenizers)} tokenizers")
-    w = normalized_weights(weights, n)
+    w = normalized_weights(weights, n, np.float64, owner="the bpb evaluation")
     res = [member_token_nll(m, t, text, chunk) for m, t in zip(members, tokenizers)]
     x = text.encode("utf-8")
     for nll, ids, v in res:

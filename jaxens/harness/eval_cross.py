@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxens.combiners.base import normalized_weights
 from jaxens.harness.bpb import (
     DEFAULT_LAMBDA,
     code_length,
@@ -48,7 +49,6 @@ from jaxens.harness.reports import EvalResult
 from jaxens.harness.teacher_forcing import teacher_forced_log_probs
 from jaxens.vocab import CROSS_METHODS
 from jaxens.vocab.align import align, word_boundaries
-from jaxens.vocab.cross_decode import normalized_weights
 
 CROSS_EVAL_METHODS = ("gac", "unite", "deepen", "safe", "me")
 LN2 = math.log(2.0)
@@ -134,7 +134,7 @@ def evaluate_cross(members, tokenizers, texts: Mapping[str, str], cfg: CrossEval
     if not 0 <= cfg.pivot < n:
         raise ValueError(f"pivot must be a member index in [0, {n}), got {cfg.pivot}")
     if cfg.weights is not None:
-        normalized_weights(cfg.weights, n)  # validates
+        normalized_weights(cfg.weights, n, np.float64, owner="jaxens eval")  # validates
     names = list(names) if names is not None else [f"member {i}" for i in range(n)]
     log = log or (lambda s: None)
     if not texts:
@@ -158,7 +158,7 @@ def evaluate_cross(members, tokenizers, texts: Mapping[str, str], cfg: CrossEval
     mem_bits = np.zeros((n, len(rows)))
     mem_tokens = np.zeros(n, np.int64)
     mix_bits = np.zeros(len(rows))
-    w = normalized_weights(cfg.weights, n)
+    w = normalized_weights(cfg.weights, n, np.float64, owner="jaxens eval")
     bar = tqdm(rows, desc="member bpb", disable=not cfg.progress, file=sys.stderr, leave=False)
     for r, text in enumerate(bar):
         res = [member_token_nll(m, v, text) for m, v in zip(members, views)]

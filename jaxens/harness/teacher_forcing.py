@@ -39,6 +39,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 from tqdm.auto import tqdm
 
+from jaxens.combiners.base import normalized_weights
 from jaxens.sampling import Sampler, apply_mask
 from jaxens.vocab.align import WHITESPACE, Alignment, TokenizerView, align, token_offsets, valid_utf8_prefix
 from jaxens.vocab.cross_decode import (
@@ -47,7 +48,6 @@ from jaxens.vocab.cross_decode import (
     _forward_for,
     _Stream,
     check_member_vocab,
-    normalized_weights,
     text_mask,
 )
 from jaxens.vocab.deepen import DeePEn
@@ -173,7 +173,7 @@ class _MEScorer:
 
     def __init__(self, m: MECross, eng: ForcedEngine):
         n = eng.num_members
-        self.w = jnp.asarray(normalized_weights(m.weights, n), jnp.float32)
+        self.w = jnp.asarray(normalized_weights(m.weights, n, jnp.float32, owner="the cross-tokenizer method"))
         self.maps = tuple(jnp.asarray(x) for x in eng.alignment.to_union)
         self.masks = tuple(jnp.broadcast_to(jnp.asarray(text_mask(eng.view(i))), (eng.B, eng.view(i).vocab_size))
                            for i in range(n))
@@ -196,7 +196,7 @@ class _SAFEScorer:
         dv = eng.view(self.d)
         self.dmask = jnp.broadcast_to(jnp.asarray(text_mask(dv)), (eng.B, dv.vocab_size))
         self.starts = np.asarray(dv.starts_word)
-        w = jnp.asarray(normalized_weights(m.weights, n), jnp.float32)
+        w = jnp.asarray(normalized_weights(m.weights, n, jnp.float32, owner="the cross-tokenizer method"))
         maps = tuple(jnp.asarray(x) for x in eng.alignment.to_union)
         U, d, top_m = eng.alignment.union_size, self.d, min(int(m.top_m), eng.alignment.union_size)
 

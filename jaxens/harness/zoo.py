@@ -100,14 +100,17 @@ def cache_root() -> Path:
         xdg = os.environ.get("XDG_CACHE_HOME")
         root = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "jaxens"
         source = "XDG_CACHE_HOME" if xdg else "the default cache directory"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(
-            f"{source} ({root}) cannot be used as the jaxens cache: {e.strerror or e}; "
-            f"set JAXENS_CACHE to a writable directory"
-        ) from None
-    return root
+    if root.exists() and not root.is_dir():
+        why = "it is a file, not a directory"
+    else:
+        try:  # created if missing, and writable (a probe file: os.access misjudges /proc, root, ...)
+            root.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=root).close()
+            return root
+        except OSError as e:
+            why = f"cannot create or write there ({e.strerror or e})"
+    raise ValueError(f"{source} ({root}) cannot be used as the jaxens cache: {why}; "
+                     f"set JAXENS_CACHE to a writable directory")
 
 
 def _inside(path: Path, root: Path) -> Path:
@@ -227,7 +230,12 @@ def load_tokenizer(name: str, *, progress: bool = True):
 
 def load_model(name: str, dtype: str = "float32", *, progress: bool = True):
     """The checkpoint as a jaxens member (weights dequantised from the GGUF, cast to ``dtype``)."""
-    return load_hf_dir(hf_dir(name, progress=progress), dtype=dtype)
+    path = hf_dir(name, progress=progress)
+    try:
+        return load_hf_dir(path, dtype=dtype)
+    except (ValueError, FileNotFoundError) as e:  # a damaged cached checkpoint (truncated, ...): how to rebuild it
+        raise ValueError(f"{e}; the cached checkpoint of {name!r} is damaged: delete the folder {path} "
+                         f"and run again (jaxens rebuilds it)") from None
 
 
 def load(name: str, dtype: str = "float32", *, progress: bool = True):

@@ -269,14 +269,6 @@ class CrossOutput:
     stats: dict
 
 
-def normalized_weights(weights, n: int) -> np.ndarray:
-    """Member weights ``w_i >= 0`` normalised to sum to one (``None``: uniform), as float64."""
-    w = np.full((n,), 1.0 / n) if weights is None else np.asarray(weights, np.float64)
-    if w.shape != (n,) or np.any(w < 0) or w.sum() <= 0:
-        raise ValueError(f"weights must be {n} non-negative numbers with a positive sum, got {weights}")
-    return w / w.sum()
-
-
 class CrossMethod:
     """A cross-vocabulary decoding method: ``setup(engine)`` once, ``step(engine, key)`` per step
     returning one piece per row (``bytes``; ``None`` = end of sequence) and a dict of counters."""

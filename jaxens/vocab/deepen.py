@@ -52,7 +52,8 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
-from jaxens.vocab.cross_decode import CrossMethod, id_pieces, text_mask, normalized_weights
+from jaxens.combiners.base import check_weights, normalized_weights
+from jaxens.vocab.cross_decode import CrossMethod, id_pieces, text_mask
 
 
 def _unit(x: Array) -> Array:
@@ -307,9 +308,12 @@ class DeePEn(CrossMethod):
     k: int = 256
     max_anchors: int | None = 8192
 
+    def __post_init__(self):
+        check_weights(self.weights, None, owner="deepen")
+
     def setup(self, eng):
         n = eng.num_members
-        w = normalized_weights(self.weights, n)
+        w = normalized_weights(self.weights, n, np.float64, owner="deepen")
         if self.mode not in ("topk", "chunked"):
             raise ValueError(f"mode must be 'topk' or 'chunked', got {self.mode!r}")
         al = eng.alignment

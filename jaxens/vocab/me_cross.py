@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxens.vocab.cross_decode import CrossMethod, id_pieces, text_mask, normalized_weights
+from jaxens.combiners.base import check_weights, normalized_weights
+from jaxens.vocab.cross_decode import CrossMethod, id_pieces, text_mask
 
 
 class MECross(CrossMethod):
@@ -32,6 +34,7 @@ class MECross(CrossMethod):
     needs_alignment = False
 
     def __init__(self, weights=None, per_member_truncation: bool = False):
+        check_weights(weights, None, owner="me")
         self.weights = weights
         self.per_member_truncation = per_member_truncation
 
@@ -44,7 +47,7 @@ class MECross(CrossMethod):
                 "drawn member's distribution (the published ME, NOT the mixture's truncation)"
             )
         n = eng.num_members
-        w = normalized_weights(self.weights, n)
+        w = normalized_weights(self.weights, n, np.float64, owner="me")
         self._logw = jnp.log(jnp.asarray(w, jnp.float32))
         self._masks = [jnp.broadcast_to(jnp.asarray(text_mask(eng.view(i))), (eng.B, eng.view(i).vocab_size))
                        for i in range(n)]

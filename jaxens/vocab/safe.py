@@ -73,8 +73,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxens.combiners.base import check_weights, normalized_weights
 from jaxens.vocab.align import WHITESPACE, retokenize_tail, valid_utf8_prefix
-from jaxens.vocab.cross_decode import CrossMethod, id_pieces, text_mask, normalized_weights
+from jaxens.vocab.cross_decode import CrossMethod, id_pieces, text_mask
 from jaxens.vocab.union import to_union_probs
 
 
@@ -171,6 +172,9 @@ class SAFE(CrossMethod):
     sharpen: bool = True
     verify_block: int = 4
 
+    def __post_init__(self):
+        check_weights(self.weights, None, owner="safe")
+
     def setup(self, eng):
         n = eng.num_members
         if not 0 <= self.drafter < n:
@@ -180,7 +184,7 @@ class SAFE(CrossMethod):
                              f"{self.confidence}, {self.disagreement}")
         if int(self.verify_block) != self.verify_block or self.verify_block < 1:
             raise ValueError(f"verify_block must be a positive integer (1 = stepwise), got {self.verify_block}")
-        w = normalized_weights(self.weights, n)
+        w = normalized_weights(self.weights, n, np.float64, owner="safe")
         al = eng.alignment
         self._w = jnp.asarray(w, jnp.float32)
         dv = eng.view(self.drafter)

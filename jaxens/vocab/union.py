@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from jaxens.vocab.cross_decode import CrossMethod, normalized_weights
+from jaxens.combiners.base import check_weights, normalized_weights
+from jaxens.vocab.cross_decode import CrossMethod
 
 
 def to_union_probs(logp: Float[Array, "B v"], to_union: Int[Array, " v"], union_size: int) -> Float[Array, "B U"]:
@@ -58,12 +59,13 @@ class GaC(CrossMethod):
     """GaC in the cross-tokenizer loop: every member every step, sample on the union vocabulary."""
 
     def __init__(self, weights=None, gate: float | None = None, main: int = 0):
+        check_weights(weights, None, owner="gac")
         self.weights, self.gate, self.main = weights, gate, main
 
     def setup(self, eng):
         al = eng.alignment
         n = eng.num_members
-        w = normalized_weights(self.weights, n)
+        w = normalized_weights(self.weights, n, np.float64, owner="gac")
         self._w = jnp.asarray(w, jnp.float32)
         self._maps = tuple(jnp.asarray(m) for m in al.to_union)
         U, gate, main = al.union_size, self.gate, self.main

@@ -16,9 +16,11 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
-from jaxens.vocab.cross_decode import CrossMethod, normalized_weights
+from jaxens.combiners.base import check_weights, normalized_weights
+from jaxens.vocab.cross_decode import CrossMethod
 
 
 def unite_combine(
@@ -51,12 +53,13 @@ class UniTE(CrossMethod):
     def __init__(self, weights=None, k: int = 10):
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
+        check_weights(weights, None, owner="unite")
         self.weights, self.k = weights, k
 
     def setup(self, eng):
         al = eng.alignment
         n = eng.num_members
-        w = normalized_weights(self.weights, n)
+        w = normalized_weights(self.weights, n, np.float64, owner="unite")
         self._w = jnp.asarray(w, jnp.float32)
         self._maps = tuple(jnp.asarray(m) for m in al.to_union)
         self._fs = tuple(jnp.asarray(f) for f in al.first_sub)

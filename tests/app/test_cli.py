@@ -101,7 +101,16 @@ def test_me_from_cli(capsys):
         (["--combiner", "me", "--greedy", "--prompt", "a"], "or add --me-per-member"),
         (["--top-p", "1.5", "--prompt", "a"], r"top_p must be in \(0, 1\], got 1.5"),
         (["--prompt", "!!!"], "encodes to no tokens"),
-        (["--max-new-tokens", "-1", "--prompt", "a"], "must be >= 0"),
+        (["--max-new-tokens", "-1", "--prompt", "a"], "--max-new-tokens must be >= 1"),
+        (["--max-new-tokens", "0", "--prompt", "a"], "--max-new-tokens must be >= 1, got 0"),
+        (["--prompt", ""], "--prompt 0 is empty"),
+        (["--prompt", "a", "--prompt", ""], "--prompt 1 is empty"),
+        (["--weights", "-1", "2", "--prompt", "a"],
+         r"--weights: weights must be finite, >= 0 and not all zero \(a weight is negative\), got \[-1.0, 2.0\]"),
+        (["--weights", "0", "0", "--prompt", "a"], r"--weights: .*\(all weights are zero\).*pass one finite weight"),
+        (["--weights", "nan", "1", "--prompt", "a"], r"--weights: .*\(a weight is NaN or infinite\)"),
+        (["--combiner", "bottleneck-kl", "--hard", "0", "--soft", "1", "--rho", "-1", "--prompt", "a"],
+         r"rho \(soft-constraint strength\) must be finite and >= 0"),
     ],
 )
 def test_errors(argv, msg, capsys):
@@ -224,7 +233,9 @@ def test_jsonl_from_prompts_file_in_batches(tmp_path, capsys):
     for r in recs:
         assert tok.decode(r["tokens"]) == r["completion"] and len(r["tokens"]) <= 5
         assert set(r["timings"]) == {"compile_s", "decode_s", "tok_per_s", "batch"}
-        assert r["timings"]["compile_s"] > 0 and r["stats"] == {"nonfinite": 0} and r["combiner"] == "prob_average"
+        assert r["timings"]["compile_s"] > 0 and r["combiner"] == "prob_average"
+        assert r["stats"]["nonfinite"] == 0 and r["stats"]["bad_members"] == 0
+        assert r["stats"]["status"]["NONFINITE_INPUT"] == 0 and sum(r["stats"]["status"].values()) == len(r["tokens"])
     assert [r["timings"]["batch"] for r in recs] == [2, 2, 1]
     code, out, _ = run(base + ["--jsonl", "-"], capsys)  # stdout: JSON only
     assert code == 0 and [json.loads(line)["completion"] for line in out.splitlines()] == want
@@ -298,3 +309,61 @@ def test_help_shows_defaults(command, capsys):
     text = " ".join(capsys.readouterr().out.split())
     want = {"generate": "(default: logit_average)", "eval": "(default: 128)", "train": "(default: 300)"}[command]
     assert want in text
+
+
+@pytest.mark.parametrize("argv", [["--max-new-tokens", "0", "--prompt", "a"], ["--prompt", ""],
+                                  ["--weights", "1", "-1", "--prompt", "a"]])
+def test_bad_arguments_fail_before_any_member_loads(argv, monkeypatch, capsys):
+    def load(spec, dtype="float32"):
+        raise AssertionError("a member was loaded")
+
+    monkeypatch.setattr(members, "load_member", load)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", "--member", "toy0", "--member", "toy1"] + argv)
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_oserror_is_one_line_not_a_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:  # a directory as the prompt file: IsADirectoryError
+        cli.main(["generate", "--member", "toy0", "--prompt-file", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("jaxens generate: error: ") and str(tmp_path) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [
+    ["generate", "--member", "smollm2-135m", "--prompt", "a"],
+    ["generate", "--member", "smollm2-135m", "--member", "gemma3-270m", "--combiner", "gac", "--prompt", "a"],
+    ["eval", "--member", "smollm2-135m"],
+    ["train", "--zoo", "smollm2-tiny-64"],
+])
+@pytest.mark.parametrize("kind", ["file", "below-a-file"])
+def test_bad_jaxens_cache_is_one_line_from_every_command(command, kind, tmp_path, monkeypatch, capsys):
+    monkeypatch.undo()  # the real loader and zoo
+    (tmp_path / "f").write_text("x")
+    bad = tmp_path / "f" if kind == "file" else tmp_path / "f" / "sub"
+    monkeypatch.setenv("JAXENS_CACHE", str(bad))
+    if command[0] == "eval":
+        (tmp_path / "t.txt").write_text("some text " * 50)
+        command = command + ["--text", str(tmp_path / "t.txt")]
+    with pytest.raises(SystemExit) as e:
+        cli.main(command)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"JAXENS_CACHE ({bad}) cannot be used as the jaxens cache" in err
+    assert "set JAXENS_CACHE to a writable directory" in err
+
+
+def test_eval_names_a_missing_member_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.undo()
+    (tmp_path / "t.txt").write_text("some text " * 50)
+    missing = str(tmp_path / "nope.gguf")
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--member", missing, "--text", str(tmp_path / "t.txt")])
+    err = capsys.readouterr().err
+    assert err.count(f"member {missing!r}") == 1 and "file not found" in err
+    pt = tmp_path / "model.pt"
+    pt.write_bytes(b"\x80\x04")
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--member", str(pt), "--prompt", "a"])
+    assert "convert it to safetensors" in capsys.readouterr().err

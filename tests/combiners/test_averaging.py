@@ -7,6 +7,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxens
+from jaxens.solvers.solution import Status
 
 
 def _np_log_softmax(x):
@@ -50,13 +51,16 @@ def test_masked_tokens_and_zero_weights():
     assert np.all(np.isfinite(np.asarray(pa)))
 
 
-def test_nan_logits_give_flagged_uniform_row():
+def test_nan_logits_drop_the_member_from_that_row():
     a = jnp.array([[0.0, jnp.nan, 1.0], [0.0, 1.0, 2.0]])
     b = jnp.array([[0.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
     for comb in (jaxens.logit_average(), jaxens.prob_average()):
         out, _, info = comb.combine([a, b], None)
         np.testing.assert_array_equal(np.asarray(info.nonfinite), [True, False])
-        np.testing.assert_allclose(np.exp(np.asarray(out[0])), np.full(3, 1 / 3), atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(info.bad_members), [[True, False], [False, False]])
+        assert np.asarray(info.status).tolist() == [Status.NONFINITE_INPUT, Status.SOLVED]
+        # row 0 is member b's distribution alone (its weight renormalised to 1)
+        np.testing.assert_allclose(np.asarray(out[0]), np.asarray(jax.nn.log_softmax(b[0])), atol=1e-6)
         assert np.all(np.isfinite(np.asarray(out)))
 
 

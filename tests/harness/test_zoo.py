@@ -105,3 +105,23 @@ def test_bad_cache_directory_is_one_clear_error(tmp_path, monkeypatch, kind):
     monkeypatch.setenv("JAXENS_CACHE", str(bad))
     with pytest.raises(ValueError, match=r"JAXENS_CACHE \(.*\) cannot be used as the jaxens cache.*set JAXENS_CACHE"):
         zoo.cache_root()
+    if kind == "file":
+        with pytest.raises(ValueError, match="it is a file, not a directory"):
+            zoo.cache_root()
+
+
+def test_truncated_cached_checkpoint_says_to_delete_the_folder(tmp_path, monkeypatch):
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    hf = tmp_path / "cache" / "zoo" / "smollm2-135m" / "hf"
+    hf.mkdir(parents=True)
+    (hf / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    save_file({"w": np.zeros((64, 64), np.float32)}, str(hf / "model.safetensors"))
+    data = (hf / "model.safetensors").read_bytes()
+    (hf / "model.safetensors").write_bytes(data[: len(data) // 2])
+    monkeypatch.setattr(zoo, "hf_dir", lambda name, progress=True: hf)
+    with pytest.raises(ValueError, match=f"truncated.*delete the folder {hf} and run again"):
+        zoo.load_model("smollm2-135m")

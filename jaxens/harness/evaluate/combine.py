@@ -95,7 +95,8 @@ def run_combiner(combiner: Combiner, logits: np.ndarray, batch_rows: int = 16, p
     status = iters = None
     if hasattr(info[0], "status"):
         status = np.concatenate([np.asarray(i.status) for i in info])[:P]
-        iters = np.concatenate([np.asarray(i.iterations) for i in info])[:P]
+        if hasattr(info[0], "iterations"):  # a solver's Solution (the averaging combiners report status only)
+            iters = np.concatenate([np.asarray(i.iterations) for i in info])[:P]
     return CombinerRun(logp, status, iters, per_row, compile_s)
 
 
