@@ -106,6 +106,17 @@ def check_objective(name: str) -> str:
     return name
 
 
+def unusable_rows(logits: Float[Array, "*B v"]) -> Bool[Array, "*B"]:
+    """The one rule for a member row no combiner can use: NaN or ``+inf`` on some token, or ``-inf``
+    on every token (``log_softmax`` would be NaN).  Such a row gets status ``NONFINITE_INPUT``.
+
+    Example::
+
+        unusable_rows(jnp.array([[0.0, 1.0], [-jnp.inf, -jnp.inf]]))   # [False, True]
+    """
+    return jnp.any(jnp.isnan(logits) | (logits == jnp.inf), axis=-1) | jnp.all(logits == -jnp.inf, axis=-1)
+
+
 class RowData(NamedTuple):
     """Per-row canonical data shared by the objectives (no leading batch axis)."""
 
@@ -117,10 +128,9 @@ class RowData(NamedTuple):
 
 def row_data(objective: str, logits: Float[Array, "n v"], weights: Float[Array, " n"]) -> RowData:
     """Member log-probs, the objective's token mask and a non-finite flag for one row."""
-    # NaN / +inf anywhere, or a member that masks every token (log_softmax would be NaN)
-    bad = jnp.isnan(logits) | (logits == jnp.inf) | jnp.all(logits == -jnp.inf, axis=-1, keepdims=True)
+    bad = unusable_rows(logits)  # (n,)
     nonfinite = jnp.any(bad)
-    logp = jax.nn.log_softmax(jnp.where(bad, 0.0, logits), axis=-1)
+    logp = jax.nn.log_softmax(jnp.where(bad[:, None], 0.0, logits), axis=-1)
     ruled_out = logp == -jnp.inf
     if objective in STRICT_MASK:
         # members with zero weight do not veto tokens

@@ -29,9 +29,8 @@ from jaxens.combiners.base import (
     check_member_logits,
     check_weights,
     normalized_weights,
-    unusable_members,
 )
-from jaxens.objectives import over_members
+from jaxens.objectives import over_members, unusable_rows
 from jaxens.solvers.solution import Status
 
 
@@ -39,7 +38,7 @@ def _member_log_probs(logits: Sequence[ArrayLike], temperature) -> tuple[Array, 
     """Member log-probs ``(B, n, v)`` and the unusable rows ``(B, n)``: NaN / ``+inf`` anywhere, or
     every token ``-inf`` (such a row is zeroed so that nothing downstream sees NaN)."""
     x = jnp.stack(logits, axis=1).astype(jnp.promote_types(logits[0].dtype, jnp.float32))  # (B, n, v)
-    bad = unusable_members(logits)
+    bad = unusable_rows(x)
     x = jnp.where(bad[..., None], 0.0, x)
     return jax.nn.log_softmax(x / temperature, axis=-1), bad
 

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
+from jaxens.objectives import unusable_rows
+
 
 class EmptyState(NamedTuple):
     """State of a stateless combiner."""
@@ -75,8 +77,7 @@ def unusable_members(logits: Sequence[ArrayLike]) -> Bool[Array, "B n"]:
 
         unusable_members([jnp.array([[0.0, 1.0]]), jnp.array([[-jnp.inf, -jnp.inf]])])   # [[False, True]]
     """
-    x = jnp.stack([jnp.asarray(l) for l in logits], axis=1)
-    return jnp.any(jnp.isnan(x) | (x == jnp.inf), axis=-1) | jnp.all(x == -jnp.inf, axis=-1)
+    return unusable_rows(jnp.stack([jnp.asarray(l) for l in logits], axis=1))
 
 
 def check_member_logits(logits: Sequence[ArrayLike], num_members: int | None = None) -> tuple[int, int]:
