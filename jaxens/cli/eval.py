@@ -48,7 +48,7 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--hessian-topk", type=int, default=2048,
                    help="kl/max_entropy Newton Hessian over the top-K tokens by mass (0: all)")
     e.add_argument("--max-iters", type=int, default=3000,
-                   help="iteration cap of the ADMM objectives and the least-squares phase (0: the solvers' own)")
+                   help="iteration cap of the ADMM default (min_underestimation) and the least-squares phase (0: the solvers' own)")
     e.add_argument("--seed", type=int, default=0, help="seed of the position sampling")
     e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="members' weight dtype")
     e.add_argument("--json", help="write the results as JSON")

@@ -3,8 +3,8 @@ r"""The one objective -> default solver table.
 ===================== ============================== =======================================================
 objective             instance                       default solver (settings)
 ===================== ============================== =======================================================
-``sum_ce``            ``LinearProgram``              ``ADMM()`` (``WorkingSet()``: much faster at real sizes, opt-in; ``EntropicNewton()`` for a gradient smooth in ``c``)
-``sum_sq_ce``         ``QuadraticProgram``           ``ADMM()`` (``WorkingSet()`` without caps, opt-in)
+``sum_ce``            ``LinearProgram``              ``WorkingSet()`` (``ADMM()`` for caps or an unrolled adjoint; ``EntropicNewton()`` for a gradient smooth in ``c``)
+``sum_sq_ce``         ``QuadraticProgram``           ``WorkingSet()`` (``ADMM()`` for caps ``ub`` or an unrolled adjoint)
 ``least_squares``     ``LeastSquaresProgram``        ``LeastSquares(fista=FISTA())``
 ``kl``                ``EntropicProgram``            ``EntropicNewton()``
 ``max_entropy``       ``EntropicProgram``            ``EntropicNewton()``
@@ -14,7 +14,8 @@ objective             instance                       default solver (settings)
 
 The defaults of the solvers themselves: ``WorkingSet()``: working set ``2 (r + k)`` tokens
 (rounded up to 64), at most 20 rounds, certified relative gap ``5e-5`` and residual ``1e-5``
-(float32) / ``1e-9`` (float64).  ``ADMM()``: ``rho0=0.1, alpha=1.6``, adaptive
+(float32) / ``1e-9`` (float64); on the non-degenerate Gaussian family 30-50x HiGHS where ADMM
+is 0.3-0.6x (``docs/benchmarks/solvers.md``).  ``ADMM()``: ``rho0=0.1, alpha=1.6``, adaptive
 :math:`\rho`, tolerances ``1e-6 / 1e-5`` (float32) or ``1e-7 / 1e-6`` (float64), at most 10,000
 (float32) / 50,000 (float64) iterations, ``check_every=25``, polish on.  ``FISTA()``:
 ``tol=1e-6, max_iters=2000``, restart.  ``EntropicNewton()``: ``tol`` 1e-5 (float32) / 1e-10
@@ -32,12 +33,13 @@ from jaxens.solvers.cross_entropy_newton import CrossEntropyNewton
 from jaxens.solvers.entropic_newton import EntropicNewton
 from jaxens.solvers.fista import FISTA
 from jaxens.solvers.least_squares import LeastSquares
+from jaxens.solvers.working_set import WorkingSet
 
 __all__ = ["default_solver", "DEFAULT_SOLVERS"]
 
 DEFAULT_SOLVERS: dict[str, Any] = {
-    "sum_ce": ADMM(),
-    "sum_sq_ce": ADMM(),
+    "sum_ce": WorkingSet(),
+    "sum_sq_ce": WorkingSet(),
     "least_squares": LeastSquares(fista=FISTA()),
     "kl": EntropicNewton(),
     "max_entropy": EntropicNewton(),
@@ -55,7 +57,7 @@ def default_solver(objective: str, **overrides: Any):
         default_solver("kl", hessian_topk=2048)   # EntropicNewton(hessian_topk=2048)
 
     Overrides replace the solver's dataclass fields (``dataclasses.replace``), e.g.
-    ``default_solver("sum_ce", max_iters=500)``.
+    ``default_solver("sum_ce", max_rounds=40)``.
 
     For ``least_squares`` the overrides go to the inner ``FISTA`` (``tol``, ``max_iters``, ...)
     unless they name a field of :class:`~jaxens.solvers.least_squares.LeastSquares`.

@@ -133,19 +133,21 @@ def _options(objective, solver):
 # ---------------------------------------------------------------- solvers on meshes
 
 
-# The LP-type objectives are compared in float32 *and* in float64.  ADMM (default for sum_ce,
-# sum_sq_ce, min_underestimation) polishes its answer on the active set (KKT solve, OSQP's solution
+# The LP-type objectives are compared in float32 *and* in float64.  WorkingSet (default for sum_ce and
+# sum_sq_ce) ends on a crossover vertex / the restricted QP optimum; ADMM (min_underestimation) polishes its answer on the active set (KKT solve, OSQP's solution
 # polishing): the vertex / QP optimum is then exact to rounding, so float32 meets TOL like the
 # other solvers (before polishing: 3e-4 / 3e-3 between a batch of 1 and 8 on one device).  The
 # entropic path of EntropicNewton.the LinearProgram solve ends at a small entropy weight where float32 moves p by
 # ~3e-5 between reduction orders; it keeps a float32 tolerance of 1e-4 (float64: TOL).
-LP_F32_TOL = {"ADMM": TOL, "EntropicNewton": 1e-4}
+LP_F32_TOL = {"ADMM": TOL, "WorkingSet": TOL, "EntropicNewton": 1e-4}
 
 
 def _lp_like(objective, solver):
     if objective == "sum_ce":
-        return "EntropicNewton" if solver is not None else "ADMM"
-    return "ADMM" if objective in ("sum_sq_ce", "min_underestimation") and solver is None else None
+        return "EntropicNewton" if solver is not None else "WorkingSet"
+    if solver is None and objective in ("sum_sq_ce", "min_underestimation"):
+        return "WorkingSet" if objective == "sum_sq_ce" else "ADMM"
+    return None
 
 
 def _compare(problem, logits, objective, solver, meshes, tol):

@@ -16,6 +16,7 @@ from jaxens.harness.members import tokenizer_vocab_size, vocabularies_differ
 from jaxens.solvers.admm import ADMM
 from jaxens.solvers.fista import FISTA
 from jaxens.solvers.entropic_newton import EntropicNewton
+from jaxens.solvers.working_set import WorkingSet
 
 
 def test_atomic_directory_replaces_and_cleans_up(tmp_path):
@@ -64,11 +65,12 @@ def test_eval_solvers_are_the_defaults_with_the_config_caps():
     cfg = EvalConfig()
     assert solver_for("kl", cfg) == EntropicNewton(hessian_topk=2048)
     assert solver_for("max_entropy", cfg) == EntropicNewton(hessian_topk=2048)
-    for o in ("sum_ce", "sum_sq_ce", "min_underestimation"):
-        assert solver_for(o, cfg) == ADMM(max_iters=3000)
+    for o in ("sum_ce", "sum_sq_ce"):  # WorkingSet: capped by its rounds, not max_iters
+        assert solver_for(o, cfg) == WorkingSet()
+    assert solver_for("min_underestimation", cfg) == ADMM(max_iters=3000)
     assert solver_for("least_squares", cfg) == default_solver("least_squares")
     free = EvalConfig(hessian_topk=None, max_iters=None)
-    assert solver_for("kl", free) == EntropicNewton() and solver_for("sum_ce", free) == ADMM()
+    assert solver_for("kl", free) == EntropicNewton() and solver_for("min_underestimation", free) == ADMM()
     assert least_squares_solver(cfg) == FISTA(max_iters=3000) and least_squares_solver(free) is None
     assert default_solver("kl", hessian_topk=8) == dataclasses.replace(EntropicNewton(), hessian_topk=8)
 

@@ -18,6 +18,7 @@ from jaxens.solvers.fista import FISTA
 from jaxens.solvers.instances import ACCEPTED_BY, EntropicProgram, LeastSquaresProgram, RatioProgram
 from jaxens.solvers.least_squares import LeastSquares
 from jaxens.solvers.solution import Status
+from jaxens.solvers.working_set import WorkingSet
 
 
 def _problem():
@@ -52,7 +53,9 @@ def test_every_objective_builds_an_instance_its_default_solver_accepts():
 def test_default_solver_table_and_overrides():
     assert default_solver("kl") == EntropicNewton()
     assert default_solver("cross_entropy") == CrossEntropyNewton()
-    assert default_solver("sum_ce") == ADMM() == default_solver("min_underestimation")
+    assert default_solver("sum_ce") == WorkingSet() == default_solver("sum_sq_ce")
+    assert default_solver("min_underestimation") == ADMM()
+    assert default_solver("sum_ce", max_rounds=3).max_rounds == 3
     assert default_solver("least_squares") == LeastSquares(fista=FISTA())
     assert default_solver("kl", hessian_topk=64).hessian_topk == 64
     assert default_solver("least_squares", max_iters=7).fista.max_iters == 7

@@ -10,11 +10,12 @@ so its row repeats that row's metrics at ME's cost (one member per step).
 
 Solvers (:func:`solver_for`): the objective's default solver
 (:func:`jaxens.solvers.default_solver`) with ``hessian_topk`` for ``kl`` /
-``max_entropy`` and ``max_iters`` for the ADMM objectives when the configuration sets them.
+``max_entropy`` and ``max_iters`` for the defaults with an iteration cap (ADMM) when the configuration sets them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -31,16 +32,18 @@ from jaxens.harness.reports import progress_bar
 from jaxens.problem import make_problem
 
 ENTROPIC_OBJECTIVES = ("kl", "max_entropy")  # EntropicNewton: hessian_topk
-ADMM_OBJECTIVES = ("sum_ce", "sum_sq_ce", "min_underestimation")  # ADMM: max_iters
 
 
 def solver_for(objective: str, cfg: EvalConfig):
     """The objective's default solver with the configuration's ``hessian_topk`` (entropic
-    objectives) or ``max_iters`` (ADMM objectives) when set."""
+    objectives) or ``max_iters`` (iterative first-order defaults, i.e. those with a
+    ``max_iters`` field, e.g. ADMM; WorkingSet's rounds cap is its own) when set."""
     overrides = {}
+    solver = default_solver(objective)
     if objective in ENTROPIC_OBJECTIVES and cfg.hessian_topk is not None:
         overrides["hessian_topk"] = cfg.hessian_topk
-    elif objective in ADMM_OBJECTIVES and cfg.max_iters is not None:
+    elif (objective not in ENTROPIC_OBJECTIVES and cfg.max_iters is not None
+          and "max_iters" in {f.name for f in dataclasses.fields(solver)}):
         overrides["max_iters"] = cfg.max_iters
     return default_solver(objective, **overrides)
 
