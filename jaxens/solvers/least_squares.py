@@ -5,7 +5,9 @@ For one row, the least-squares relaxation is
 .. math::  p_{LS} = \arg\min_{p \in \mathcal C} \lVert A_H^\top p - m_H\rVert^2,
            \qquad \mathcal C = \{p \in \Delta_v : p_j = 0 \text{ off mask}\ (,\ p \le u)\},
 
-solved by :class:`~jaxens.solvers.fista.FISTA` with hard weight ``h = 2``
+solved by Wolfe's minimum-norm point (:mod:`jaxens.solvers.min_norm_point`, the default without
+caps: exact on the support, a few passes over ``A_H``) or by :class:`~jaxens.solvers.fista.FISTA`
+with hard weight ``h = 2`` (with caps, and for the differentiable ``least_squares`` objective)
 (:class:`LeastSquares` is the same as a solver of :class:`~jaxens.solvers.instances.LeastSquaresProgram`).  With the residual
 :math:`r = m_H - A_H^\top p_{LS}` the certificate is :math:`d = r/\lVert r\rVert` and
 
@@ -64,6 +66,7 @@ from jaxens.problem import BottleneckProblem
 from jaxens.solvers.base import AbstractSolver
 from jaxens.solvers.fista import FISTA, FISTAState
 from jaxens.solvers.instances import LeastSquaresProgram, PenalisedProgram
+from jaxens.solvers.min_norm_point import MinNormPoint, min_norm_point
 from jaxens.solvers.projections import max_linear
 from jaxens.solvers.solution import Solution, Status
 
@@ -103,7 +106,7 @@ def least_squares(
     problem: BottleneckProblem,
     m: Float[Array, " D"],
     mask: Bool[Array, " v"],
-    solver: FISTA | None = None,
+    solver: FISTA | MinNormPoint | None = None,
     *,
     ub: Float[Array, " v"] | None = None,
     feas_rtol: float | None = None,
@@ -116,8 +119,10 @@ def least_squares(
       problem: the bottleneck problem (its hard members define ``A_H``).
       m: all members' moments of this row, ``(D,)``.
       mask: allowed tokens, ``(v,)``.
-      solver: the FISTA instance used for the least-squares problem (default:
-        :func:`default_ls_solver` of the problem's dtype).
+      solver: the least-squares solver: :class:`~jaxens.solvers.min_norm_point.MinNormPoint`
+        (the default without caps: Wolfe's algorithm, exact on the support, no gradient) or a
+        :class:`~jaxens.solvers.fista.FISTA` instance (the default with caps,
+        :func:`default_ls_solver` of the problem's dtype; differentiable through its adjoint).
       ub: optional caps ``p <= ub`` (basis-aware truncation).
       feas_rtol: relative feasibility tolerance (default per dtype, see module doc).
       decide: stop as soon as the feasibility verdict is known.
@@ -125,7 +130,7 @@ def least_squares(
 
     Returns:
       A :class:`Solution` whose ``p`` is the least-squares distribution, ``status`` the verdict,
-      ``gap`` the FISTA Frank-Wolfe gap, ``certificate`` the direction ``d`` (zeros outside the
+      ``gap`` the (FISTA: absolute, MinNormPoint: relative) Frank-Wolfe gap, ``certificate`` the direction ``d`` (zeros outside the
       hard columns) and ``certificate_margin`` its margin.
     """
     return _least_squares(problem, m, mask, solver, ub, feas_rtol, decide, p0)
@@ -173,18 +178,23 @@ def _least_squares(problem, m, mask, solver, ub, feas_rtol, decide, p0):
     if feas_rtol is None:
         feas_rtol = default_feas_rtol(dtype)
     if solver is None:
-        solver = default_ls_solver(dtype)
+        solver = MinNormPoint() if ub is None else default_ls_solver(dtype)
     m = jnp.asarray(m, dtype)
     hard_cols = jnp.asarray(problem.columns(problem.hard))
     m_h = m[hard_cols]
     feas_tol = feas_rtol * jnp.maximum(1.0, jnp.linalg.norm(jnp.where(jnp.isfinite(m_h), m_h, 0.0)))
-    zeros_v = jnp.zeros((v,), dtype)
-    penalised = PenalisedProgram(
-        zeros_v, jnp.zeros((v, 0), dtype), mask, m, jnp.zeros((problem.num_members,), dtype), 2.0, ub
-    )
-    sol, state = solver.run(
-        problem, penalised, p0, stop_fn=_decided if decide else _feasible_to_tol, stop_arg=(feas_tol, hard_cols)
-    )
+    if isinstance(solver, MinNormPoint):
+        if ub is not None:
+            raise ValueError("MinNormPoint does not take caps (ub); use FISTA() for a capped least-squares phase")
+        sol = _mnp_solution(problem, m, m_h, mask, solver, feas_tol)
+    else:
+        zeros_v = jnp.zeros((v,), dtype)
+        penalised = PenalisedProgram(
+            zeros_v, jnp.zeros((v, 0), dtype), mask, m, jnp.zeros((problem.num_members,), dtype), 2.0, ub
+        )
+        sol, state = solver.run(
+            problem, penalised, p0, stop_fn=_decided if decide else _feasible_to_tol, stop_arg=(feas_tol, hard_cols)
+        )
     p = sol.p
     r = m_h - problem.hard_products(p)  # m_H - A_H^T p
     rn = jnp.linalg.norm(r)
@@ -219,4 +229,25 @@ def _least_squares(problem, m, mask, solver, ub, feas_rtol, decide, p0):
         status=status,
         certificate=jnp.where(status == Status.INFEASIBLE, cert, 0.0),
         certificate_margin=jnp.where(jnp.isfinite(margin), margin, 0.0).astype(dtype),
+    )
+
+
+def _mnp_solution(problem, m, m_h, mask, settings: MinNormPoint, feas_tol) -> Solution:
+    """The least-squares phase by Wolfe's minimum-norm point (:mod:`jaxens.solvers.min_norm_point`;
+    no gradient: the phase's verdict is piecewise constant)."""
+    G, m_h = jax.lax.stop_gradient((problem.A_hard, m_h))
+    res = min_norm_point(G, m_h, mask, settings, jax.lax.stop_gradient(feas_tol))
+    dtype = G.dtype
+    finite = jnp.all(jnp.isfinite(m_h)) & jnp.all(jnp.isfinite(res.p))
+    status = jnp.where(res.converged, Status.SOLVED, Status.MAX_ITERS)
+    status = jnp.where(finite, status, Status.NONFINITE_INPUT).astype(jnp.int32)
+    D = problem.A.shape[1]
+    return Solution(
+        p=res.p,
+        status=status,
+        primal_residual=jnp.max(jnp.abs(res.x)),
+        gap=res.gap.astype(dtype),
+        iterations=res.majors,
+        certificate=jnp.zeros((D,), dtype),
+        certificate_margin=jnp.zeros((), dtype),
     )

@@ -8,7 +8,7 @@ import pytest
 from scipy.optimize import linprog
 
 from jaxens import make_problem
-from jaxens.solvers.least_squares import least_squares
+from jaxens.solvers.least_squares import default_ls_solver, least_squares
 from jaxens.solvers.solution import Status
 
 
@@ -53,8 +53,9 @@ def _ls_reference(A, m, mask):
 CASES = [(s, True, False) for s in range(3)] + [(s, False, False) for s in range(3)] + [(7, False, True)]
 
 
+@pytest.mark.parametrize("ls_solver", ["default", "fista"])  # default: MinNormPoint (no caps)
 @pytest.mark.parametrize("seed,feasible,duplicate", CASES)
-def test_verdict_certificate_and_value(seed, feasible, duplicate):
+def test_verdict_certificate_and_value(seed, feasible, duplicate, ls_solver):
     Ws, m = _instance(seed, feasible, duplicate=duplicate)
     A = np.concatenate(Ws, axis=1)
     v = A.shape[0]
@@ -63,7 +64,8 @@ def test_verdict_certificate_and_value(seed, feasible, duplicate):
     if feasible:  # keep p* on the mask
         mask[:] = True
     prob = make_problem(Ws, dtype=jnp.float64)
-    sol = least_squares(prob, jnp.asarray(m), jnp.asarray(mask))
+    solver = None if ls_solver == "default" else default_ls_solver(jnp.float64)
+    sol = least_squares(prob, jnp.asarray(m), jnp.asarray(mask), solver)
     ref_feasible = _highs_feasible(A, m, mask)
     assert ref_feasible == feasible or duplicate
     assert (int(sol.status) == Status.INFEASIBLE) == (not ref_feasible)
@@ -84,7 +86,8 @@ def test_verdict_certificate_and_value(seed, feasible, duplicate):
         assert float(sol.primal_residual) < 1e-4
 
 
-def test_float32_batched_verdicts():
+@pytest.mark.parametrize("ls_solver", ["default", "fista"])
+def test_float32_batched_verdicts(ls_solver):
     cases = [_instance(s, s % 2 == 0) for s in range(4)]
     Ws = cases[0][0]
     rng = np.random.default_rng(0)
@@ -99,6 +102,7 @@ def test_float32_batched_verdicts():
     ref = [_highs_feasible(A, m, np.ones(150, bool)) for m in ms]
     prob = make_problem(Ws, dtype=jnp.float32)
     mask = jnp.ones((4, 150), bool)
-    sol = jax.vmap(lambda m, k: least_squares(prob, m, k))(jnp.asarray(np.stack(ms), jnp.float32), mask)
+    solver = None if ls_solver == "default" else default_ls_solver(jnp.float32)
+    sol = jax.vmap(lambda m, k: least_squares(prob, m, k, solver))(jnp.asarray(np.stack(ms), jnp.float32), mask)
     got = np.asarray(sol.status) == Status.INFEASIBLE
     np.testing.assert_array_equal(got, ~np.array(ref))
