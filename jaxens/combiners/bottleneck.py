@@ -87,6 +87,39 @@ def _objective_row(problem, objective, solver, logits, weights, rho, warm):
     return sol, new_warm, m, d
 
 
+def _solve_feasibility_first(problem, objective, solver, x, w, r, warm, warm_axis):
+    """Batched solve with the least-squares phase first (several hard members).
+
+    Rows the phase certifies ``INFEASIBLE`` return its least-squares distribution and
+    certificate; the objective runs (one batch-level ``lax.cond``) only when some row is not
+    certified, and its answer is kept on those rows.
+    """
+
+    def inputs(xx):
+        d = obj.row_data(objective, xx, w)
+        return d, problem.moments(jnp.exp(d.logp), problem.constrained)
+
+    d, m = jax.vmap(inputs)(x)
+    ls = jax.vmap(lambda mm, k: least_squares(problem, mm, k))(jax.lax.stop_gradient(m), d.mask)
+    infeasible = ls.status == Status.INFEASIBLE
+
+    def objective_rows(_):
+        def one(dd, mm, wm):
+            return solver.solve(problem, obj.instance(objective, dd, mm, r), wm)
+
+        return jax.vmap(one, in_axes=(0, 0, warm_axis))(d, m, warm)
+
+    out_shape = jax.eval_shape(objective_rows, None)
+
+    def skip(_):
+        sol = jax.tree.map(lambda a, s_: a.astype(s_.dtype), ls, out_shape[0])
+        return sol, jax.tree.map(lambda s_: jnp.zeros(s_.shape, s_.dtype), out_shape[1])
+
+    sol, new_warm = jax.lax.cond(jnp.all(infeasible | d.nonfinite), skip, objective_rows, None)
+    sol = jax.vmap(_select)(infeasible, jax.tree.map(lambda a, s_: a.astype(s_.dtype), ls, sol), sol)
+    return jax.vmap(_nonfinite_fallback)(sol, d), new_warm
+
+
 def _witnessed(problem: BottleneckProblem, sol: Solution, m) -> Array:
     """The row's own solution proves the hard constraints feasible (to tolerance)."""
     p_ng = jax.lax.stop_gradient(sol.p)
@@ -205,6 +238,10 @@ def bottleneck(
         return r
 
     check = _needs_check(problem, objective, check_feasibility)
+    # two or more hard members: their moments may admit no distribution (no member is a witness
+    # of the others'); decide feasibility first, and skip the objective where every row is
+    # certified infeasible (an objective solver on an empty set runs to its cap).
+    precheck = check and len(problem.hard) >= 2
 
     def row(prob, x, w, r, warm):
         """One row's objective solve (the least-squares phase follows, batched, in ``solve``)."""
@@ -212,6 +249,8 @@ def bottleneck(
         return sol, new_warm, m, d
 
     def solve(prob, x, w, r, warm, warm_axis):
+        if precheck:
+            return _solve_feasibility_first(prob, objective, solver, x, w, r, warm, warm_axis)
         sol, new_warm, m, d = jax.vmap(row, in_axes=(None, 0, None, None, warm_axis))(prob, x, w, r, warm)
         if check:
             witnessed = jax.vmap(_witnessed, in_axes=(None, 0, 0))(prob, sol, m)

@@ -266,7 +266,7 @@ def min_norm_point(
         sc = full_price(st.x)
         ms = jnp.min(sc)
         gap = (xx - ms) / jnp.maximum(xx, jnp.finfo(dtype).tiny)
-        done = (gap <= tol) | (jnp.sqrt(xx) <= feas_tol) | (st.majors >= settings.max_majors)
+        done = (gap <= tol) | (jnp.sqrt(xx) <= feas_tol) | (st.majors >= settings.max_majors) | ~jnp.isfinite(xx)
         return st, gap, ms, passes + 1, done
 
     inf = jnp.asarray(jnp.inf, dtype)

@@ -266,3 +266,32 @@ def test_objective_row_data_masks():
     loose = obj_mod.row_data("cross_entropy", lg, w)
     assert list(np.asarray(strict.mask)) == [True, False, False, False]
     assert list(np.asarray(loose.mask)) == [True, True, True, False]
+
+
+def test_feasibility_first_mixed_batch():
+    """Several hard members: the least-squares phase runs first; in a batch of a feasible and an
+    infeasible row the feasible one keeps the objective's answer (as without the check) and the
+    infeasible one returns the least-squares distribution with a valid certificate (HiGHS decides)."""
+    Ws, logits, _ = feasible_instance(0)
+    rng = np.random.default_rng(11)
+    bad = [5.0 * rng.normal(size=V) for _ in Ws]  # each member its own sharp distribution
+    lp, probs = _members(bad)
+    A = np.concatenate(Ws + [np.ones((V, 1))], axis=1)
+    b = np.concatenate([W.T @ q for W, q in zip(Ws, probs)] + [[1.0]])
+    ref = linprog(np.zeros(V), A_eq=A.T, b_eq=b, bounds=(0, None), method="highs")
+    assert ref.status == 2  # the second row is infeasible
+    P = jaxens.make_problem(Ws, dtype=jnp.float64, hard="all")
+    x = [jnp.asarray(np.stack([g, h_])) for g, h_ in zip(logits, bad)]
+    comb = bottleneck(P, "kl", warm_start=False)
+    _, _, sol = jax.jit(comb.combine)(x, comb.init(2))
+    plain = bottleneck(P, "kl", warm_start=False, check_feasibility=False)
+    _, _, sol0 = jax.jit(plain.combine)(x, plain.init(2))
+    assert [int(s) for s in sol.status] == [Status.SOLVED, Status.INFEASIBLE]
+    np.testing.assert_allclose(np.asarray(sol.p[0]), np.asarray(sol0.p[0]), atol=1e-12)
+    d = np.asarray(sol.certificate[1])
+    m = np.concatenate([W.T @ q for W, q in zip(Ws, probs)])
+    assert d @ m - np.max(np.asarray(P.A) @ d) > 0
+    from jaxens.solvers.least_squares import least_squares
+
+    ls = least_squares(P, jnp.asarray(m), jnp.ones(V, bool))
+    np.testing.assert_allclose(np.asarray(sol.p[1]), np.asarray(ls.p), atol=1e-9)
