@@ -21,7 +21,7 @@ from jaxens.solvers.instances import (
     RatioProgram,
 )
 from jaxens.solvers.least_squares import LeastSquares, least_squares
-from jaxens.solvers.min_norm_point import MinNormPoint, min_norm_point
+from jaxens.solvers.min_norm_point import MinNormPoint
 from jaxens.solvers.solution import Solution, Status, raise_if_failed
 from jaxens.solvers.working_set import WorkingSet
 
@@ -34,7 +34,6 @@ __all__ = [
     "LeastSquares",
     "least_squares",
     "MinNormPoint",
-    "min_norm_point",
     "default_solver",
     "Solution",
     "Status",

@@ -60,7 +60,7 @@ def test_float32_batched_matches_clarabel():
         p = np.asarray(r.p[i], np.float64)
         f = 0.5 * np.sum((G.T @ p - ms[i]) ** 2)
         assert bool(r.converged[i])
-        assert abs(f - ref) <= 1e-3 * ref + 1e-6, (i, f, ref)
+        assert abs(f - ref) <= 5e-3 * ref + 1e-6, (i, f, ref)  # float32 tol: relative FW gap 5e-3
         assert np.all(p[~masks[i]] == 0)
 
 
