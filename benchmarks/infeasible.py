@@ -49,7 +49,8 @@ def check_certificates(sol, A_h, m_h):
 
 
 def run_ls(problem, m, mask, solver):
-    f = jax.jit(jax.vmap(lambda mm, kk: least_squares(problem, mm, kk, solver)))
+    # rows mapped one after another (as the combiner does): the loops' lengths differ per row
+    f = jax.jit(lambda m, k: jax.lax.map(lambda a: least_squares(problem, a[0], a[1], solver), (m, k)))
     return timed(f, m, mask)
 
 

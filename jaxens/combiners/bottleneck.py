@@ -100,7 +100,9 @@ def _solve_feasibility_first(problem, objective, solver, x, w, r, warm, warm_axi
         return d, problem.moments(jnp.exp(d.logp), problem.constrained)
 
     d, m = jax.vmap(inputs)(x)
-    ls = jax.vmap(lambda mm, k: least_squares(problem, mm, k))(jax.lax.stop_gradient(m), d.mask)
+    # rows one after another: the minimum-norm point's loop lengths differ per row (under vmap
+    # every row would run as long as the slowest at every level)
+    ls = jax.lax.map(lambda a: least_squares(problem, a[0], a[1]), (jax.lax.stop_gradient(m), d.mask))
     infeasible = ls.status == Status.INFEASIBLE
 
     def objective_rows(_):

@@ -35,7 +35,11 @@ margin equals :math:`\lVert x\rVert` (minimax duality).
 
 Rounding: ``x`` is recomputed from the corral (:math:`P_S^\top\lambda`), not from the factor;
 an entering point whose pivot :math:`\rho^2` is below ``sqrt(eps)`` of its diagonal is taken as
-affinely dependent and not added (the block moves on).  No gradient: the least-squares phase's
+affinely dependent and not added (the block moves on).
+
+Batches: the algorithm is control-heavy (nested loops, data-dependent lengths); under ``vmap``
+every loop runs as long as its slowest row at every level, so map rows sequentially
+(``jax.lax.map``) on CPUs, as the bottleneck combiner does.  No gradient: the least-squares phase's
 verdict is piecewise constant; differentiate the ``least_squares`` objective (FISTA) instead.
 """
 
@@ -69,7 +73,7 @@ class MinNormPoint:
 
     tol: float | None = None
     block: int = 64
-    max_passes: int = 200
+    max_passes: int = 50
     max_majors: int = 4000
 
     def __post_init__(self):
@@ -122,14 +126,16 @@ def _delete(st: _State, i) -> _State:
     R = st.R[:, src]  # upper Hessenberg from column i on
 
     def rot(k, R):
-        a, b = R[k, k], R[k + 1, k]
+        zero = jnp.zeros_like(k)
+        rows = jax.lax.dynamic_slice(R, (k, zero), (2, S))  # rows k, k+1 only: updated in place
+        a = jax.lax.dynamic_index_in_dim(rows[0], k, keepdims=False)
+        b = jax.lax.dynamic_index_in_dim(rows[1], k, keepdims=False)
         h = jnp.hypot(a, b)
         safe = h > 0
         c = jnp.where(safe, a / jnp.where(safe, h, 1.0), 1.0)
         sn = jnp.where(safe, b / jnp.where(safe, h, 1.0), 0.0)
-        rk, rk1 = R[k], R[k + 1]
-        R = R.at[k].set(c * rk + sn * rk1)
-        return R.at[k + 1].set(-sn * rk + c * rk1)
+        new = jnp.stack([c * rows[0] + sn * rows[1], -sn * rows[0] + c * rows[1]])
+        return jax.lax.dynamic_update_slice(R, new, (k, zero))
 
     s = st.s - 1
     R = jax.lax.fori_loop(jnp.asarray(i, jnp.int32), s.astype(jnp.int32), rot, R)
@@ -152,19 +158,24 @@ def _minor(st: _State, eps) -> _State:
         valid = jnp.arange(S) < st.s
         a = _affine(st.R, st.s)
         inside = jnp.all(jnp.where(valid, a > eps, True))
-        # step from lam towards a until the first weight reaches 0
-        neg = valid & (a <= eps)
-        ratio = jnp.where(neg, st.lam / jnp.where(neg, st.lam - a, 1.0), jnp.inf)
-        theta = jnp.clip(jnp.min(ratio), 0.0, 1.0)
-        lam_step = jnp.where(valid, st.lam + theta * (a - st.lam), 0.0)
-        # (inside: position s - 1, whose deletion needs no rotation; the result is not used)
-        out_i = jnp.where(inside, st.s - 1, jnp.argmin(jnp.where(neg, ratio, jnp.inf)))
-        moved = st._replace(lam=lam_step.at[out_i].set(0.0))
-        moved = _delete(moved, out_i)
-        lam_in = jnp.where(valid, a, 0.0)
-        new = jax.tree.map(lambda x_in, x_mv: jnp.where(inside, x_in, x_mv), st._replace(lam=lam_in), moved)
-        new = new._replace(lam=new.lam / jnp.sum(new.lam))
-        return new._replace(x=new.PS.T @ new.lam), inside
+
+        def take(st):
+            lam = jnp.where(valid, a, 0.0)
+            lam = lam / jnp.sum(lam)
+            return st._replace(lam=lam, x=st.PS.T @ lam)
+
+        def shrink(st):
+            # step from lam towards a until the first weight reaches 0, and drop that point
+            neg = valid & (a <= eps)
+            ratio = jnp.where(neg, st.lam / jnp.where(neg, st.lam - a, 1.0), jnp.inf)
+            theta = jnp.clip(jnp.min(ratio), 0.0, 1.0)
+            out_i = jnp.argmin(ratio)
+            lam = jnp.where(valid, st.lam + theta * (a - st.lam), 0.0).at[out_i].set(0.0)
+            moved = _delete(st._replace(lam=lam), out_i)
+            lam = moved.lam / jnp.sum(moved.lam)
+            return moved._replace(lam=lam, x=moved.PS.T @ lam)
+
+        return jax.lax.cond(inside, take, shrink, st), inside
 
     st, _ = jax.lax.while_loop(cond, body, (st, jnp.zeros((), bool)))
     return st
@@ -182,16 +193,19 @@ def _append(st: _State, j, q, M, pivot_tol):
     kappa = M + q @ q
     rho2 = kappa - r @ r
     ok = (rho2 > pivot_tol * kappa) & (st.s < S)
-    col = jnp.where(valid, r, jnp.where(ar == st.s, jnp.sqrt(jnp.maximum(rho2, 0.0)), st.R[:, st.s]))
-    new = st._replace(
-        idx=st.idx.at[st.s].set(j),
-        lam=st.lam.at[st.s].set(0.0),
-        PS=st.PS.at[st.s].set(q),
-        R=st.R.at[:, st.s].set(col),
-        s=st.s + 1,
-        majors=st.majors + 1,
-    )
-    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, st), ok
+
+    def add(st):
+        col = jnp.where(valid, r, jnp.where(ar == st.s, jnp.sqrt(jnp.maximum(rho2, 0.0)), st.R[:, st.s]))
+        return st._replace(
+            idx=st.idx.at[st.s].set(j),
+            lam=st.lam.at[st.s].set(0.0),
+            PS=st.PS.at[st.s].set(q),
+            R=st.R.at[:, st.s].set(col),
+            s=st.s + 1,
+            majors=st.majors + 1,
+        )
+
+    return jax.lax.cond(ok, add, lambda st: st, st), ok
 
 
 @functools.partial(jax.jit, static_argnames=("settings",))
@@ -259,9 +273,12 @@ def min_norm_point(
             sb = jnp.where(tried, jnp.inf, PB @ st.x)
             t = jnp.argmin(sb)
             improving = (xx - sb[t] > tol * xx) & (jnp.sqrt(xx) > feas_tol)
-            st2, added = _append(st, blk[t], PB[t], M, pivot_tol)
-            st2 = jax.lax.cond(added, lambda s_: _minor(s_, lam_eps), lambda s_: s_, st2)
-            st = jax.tree.map(lambda a, c_: jnp.where(improving, a, c_), st2, st)
+
+            def step(st):
+                st, added = _append(st, blk[t], PB[t], M, pivot_tol)
+                return jax.lax.cond(added, lambda s_: _minor(s_, lam_eps), lambda s_: s_, st)
+
+            st = jax.lax.cond(improving, step, lambda s_: s_, st)
             tried = tried.at[t].set(True)
             return st, tried, ~improving
 
