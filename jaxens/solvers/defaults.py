@@ -5,7 +5,7 @@ objective             instance                       default solver (settings)
 ===================== ============================== =======================================================
 ``sum_ce``            ``LinearProgram``              ``WorkingSet()`` (``ADMM()`` for caps or an unrolled adjoint; ``EntropicNewton()`` for a gradient smooth in ``c``)
 ``sum_sq_ce``         ``QuadraticProgram``           ``WorkingSet()`` (``ADMM()`` for caps ``ub`` or an unrolled adjoint)
-``least_squares``     ``LeastSquaresProgram``        ``LeastSquares(fista=FISTA())``
+``least_squares``     ``LeastSquaresProgram``        ``LeastSquares()`` (Wolfe's minimum-norm point, gradient on the support; ``fista=FISTA()`` with caps)
 ``kl``                ``EntropicProgram``            ``EntropicNewton()``
 ``max_entropy``       ``EntropicProgram``            ``EntropicNewton()``
 ``min_underestimation`` ``RatioProgram``             ``ADMM()``
@@ -40,7 +40,7 @@ __all__ = ["default_solver", "DEFAULT_SOLVERS"]
 DEFAULT_SOLVERS: dict[str, Any] = {
     "sum_ce": WorkingSet(),
     "sum_sq_ce": WorkingSet(),
-    "least_squares": LeastSquares(fista=FISTA()),
+    "least_squares": LeastSquares(),
     "kl": EntropicNewton(),
     "max_entropy": EntropicNewton(),
     "min_underestimation": ADMM(),

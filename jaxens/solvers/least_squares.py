@@ -66,7 +66,7 @@ from jaxens.problem import BottleneckProblem
 from jaxens.solvers.base import AbstractSolver
 from jaxens.solvers.fista import FISTA, FISTAState
 from jaxens.solvers.instances import LeastSquaresProgram, PenalisedProgram
-from jaxens.solvers.min_norm_point import MinNormPoint, min_norm_point
+from jaxens.solvers.min_norm_point import MinNormPoint, min_norm_point, support_gradient
 from jaxens.solvers.projections import max_linear
 from jaxens.solvers.solution import Solution, Status
 
@@ -143,13 +143,16 @@ class LeastSquares(AbstractSolver):
     solution (verdict and certificate); the warm start is a distribution ``p0``.
 
     Attributes:
-      fista: the FISTA instance solving the least-squares problem (``None``:
-        :func:`default_ls_solver` of the problem's dtype).
+      fista: a FISTA instance solving the least-squares problem (``None``: the minimum-norm
+        point ``mnp`` without caps, :func:`default_ls_solver` of the problem's dtype with caps).
+      mnp: the :class:`~jaxens.solvers.min_norm_point.MinNormPoint` settings used when ``fista``
+        is ``None`` and there are no caps (default: differentiable on the support).
       feas_rtol: relative feasibility tolerance (``None``: :func:`default_feas_rtol`).
       decide: stop as soon as the feasibility verdict is known.
     """
 
     fista: FISTA | None = None
+    mnp: MinNormPoint = MinNormPoint(differentiable=True)
     feas_rtol: float | None = None
     decide: bool = False
 
@@ -160,8 +163,9 @@ class LeastSquares(AbstractSolver):
     ) -> tuple[Solution, Float[Array, " v"] | None]:
         """``(least_squares(...), warm)``: the warm start is passed through unchanged."""
         self.check_instance(instance)
+        solver = self.fista if self.fista is not None or instance.ub is not None else self.mnp
         sol = least_squares(
-            problem, instance.m, instance.mask, self.fista, ub=instance.ub, feas_rtol=self.feas_rtol,
+            problem, instance.m, instance.mask, solver, ub=instance.ub, feas_rtol=self.feas_rtol,
             decide=self.decide, p0=warm,
         )
         return sol, warm
@@ -234,10 +238,13 @@ def _least_squares(problem, m, mask, solver, ub, feas_rtol, decide, p0):
 
 def _mnp_solution(problem, m, m_h, mask, settings: MinNormPoint, feas_tol) -> Solution:
     """The least-squares phase by Wolfe's minimum-norm point (:mod:`jaxens.solvers.min_norm_point`;
-    no gradient: the phase's verdict is piecewise constant)."""
-    G, m_h = jax.lax.stop_gradient((problem.A_hard, m_h))
+    ``p`` carries the support gradient when ``settings.differentiable``, otherwise none)."""
+    G_d, m_d = problem.A_hard, m_h
+    G, m_h = jax.lax.stop_gradient((G_d, m_d))
     res = min_norm_point(G, m_h, mask, settings, jax.lax.stop_gradient(feas_tol))
     dtype = G.dtype
+    if settings.differentiable:
+        res = res._replace(p=support_gradient(G_d, m_d, res.p, res.support, res.support >= 0))
     finite = jnp.all(jnp.isfinite(m_h)) & jnp.all(jnp.isfinite(res.p))
     status = jnp.where(res.converged, Status.SOLVED, Status.MAX_ITERS)
     status = jnp.where(finite, status, Status.NONFINITE_INPUT).astype(jnp.int32)

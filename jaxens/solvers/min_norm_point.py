@@ -66,12 +66,15 @@ class MinNormPoint:
         (``None``: ``5e-3`` in float32, ``1e-8`` in float64).  float32 cannot go much lower on real
         rows: an improving point's distance from the corral's affine hull is then below the
         rounding of the Gram factor (points of norm ~8, distances ~1e-4 at gap 5e-3).
+      differentiable: attach the gradient of the least-squares optimum on the returned support
+        (:func:`support_gradient`; ``O(|S|^3)`` more per row); otherwise ``p`` carries none.
       block: tokens kept per full pricing pass.
       max_passes: the most full passes over :math:`A_H`.
       max_majors: the most major cycles (points added) in all.
     """
 
     tol: float | None = None
+    differentiable: bool = False
     block: int = 64
     max_passes: int = 50
     max_majors: int = 4000
@@ -91,6 +94,7 @@ class MNPResult(NamedTuple):
 
     p: Float[Array, " v"]
     x: Float[Array, " D"]
+    support: Int[Array, " S"]  # corral token ids, -1 past its size
     gap: Float[Array, ""]
     min_score: Float[Array, ""]
     converged: Bool[Array, ""]
@@ -301,4 +305,29 @@ def min_norm_point(
     p = jnp.zeros((v,), dtype).at[jnp.where(valid, st.idx, v)].add(jnp.where(valid, st.lam, 0.0), mode="drop")
     xx = st.x @ st.x
     converged = (gap <= tol) | (jnp.sqrt(xx) <= feas_tol)
-    return MNPResult(p=p, x=st.x, gap=gap, min_score=ms, converged=converged, passes=passes, majors=st.majors)
+    return MNPResult(p=p, x=st.x, support=jnp.where(valid, st.idx, -1), gap=gap, min_score=ms,
+                     converged=converged, passes=passes, majors=st.majors)
+
+
+def support_gradient(G, m, p, idx, valid):
+    r"""``p`` forward; backward, the derivative of the least-squares optimum on its support ``S``
+    (``idx[valid]``): with :math:`P_S = G_S - m` (rows), the weights minimise
+    :math:`\lVert P_S^\top\lambda\rVert^2` subject to :math:`\mathbf 1^\top\lambda = 1`, so
+
+    .. math::  \lambda = K^{-1}\mathbf 1 / \mathbf 1^\top K^{-1}\mathbf 1, \qquad
+               K = P_S P_S^\top + \mu\mathbf 1\mathbf 1^\top
+
+    (any :math:`\mu > 0`), differentiated by autodiff through one dense solve.  Valid where the
+    support is stable and its points affinely independent (an infeasible row's optimum, which is
+    unique); a feasible row's optimum is a face and has no derivative."""
+    S = idx.shape[0]
+    PS = jnp.where(valid[:, None], G[jnp.where(valid, idx, 0)] - m[None, :], 0.0)
+    ones = valid.astype(G.dtype)
+    K = PS @ PS.T
+    mu = jax.lax.stop_gradient(jnp.max(jnp.diag(K)) + 1.0)
+    K = K + mu * ones[:, None] * ones[None, :]
+    K = jnp.where(valid[:, None] & valid[None, :], K, jnp.eye(S, dtype=K.dtype))
+    a = jnp.linalg.solve(K, ones)
+    lam = a / jnp.sum(a)
+    pd = jnp.zeros_like(p).at[jnp.where(valid, idx, p.shape[0])].add(jnp.where(valid, lam, 0.0), mode="drop")
+    return jax.lax.stop_gradient(p) + pd - jax.lax.stop_gradient(pd)

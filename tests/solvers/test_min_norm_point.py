@@ -96,3 +96,37 @@ def test_least_squares_phase_uses_it_on_real_shaped_blocks():
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="block"):
         MinNormPoint(block=0)
+
+
+@pytest.mark.x64
+def test_least_squares_objective_gradient_on_the_support_matches_finite_differences_and_fista():
+    """The default least_squares objective (MinNormPoint, differentiable=True): the gradient of a
+    loss of p w.r.t. the moments equals central finite differences and FISTA's implicit adjoint."""
+    from jaxens.solvers.fista import FISTA
+    from jaxens.solvers.instances import LeastSquaresProgram
+    from jaxens.solvers.least_squares import LeastSquares
+
+    rng = np.random.default_rng(8)
+    v, d = 100, 30
+    Ws = [rng.normal(size=(v, d)) / np.sqrt(d) for _ in range(3)]
+    m0 = np.concatenate([W.T @ rng.dirichlet(0.3 * np.ones(v)) for W in Ws])
+    prob = make_problem(Ws, dtype=jnp.float64)
+    a = jnp.asarray(rng.normal(size=v))
+    mask = jnp.ones(v, bool)
+
+    def loss(m, solver):
+        sol, _ = solver.solve(prob, LeastSquaresProgram(mask, m), None)
+        return a @ sol.p, sol
+
+    mnp = LeastSquares()
+    (val, sol), g = jax.value_and_grad(lambda m: loss(m, mnp), has_aux=True)(jnp.asarray(m0))
+    assert int(sol.status) == Status.INFEASIBLE
+    g = np.asarray(g)
+    assert np.linalg.norm(g) > 1e-6  # a real gradient, not a stopped one
+    direction = rng.normal(size=m0.shape)
+    h = 1e-6
+    fd = (float(loss(jnp.asarray(m0 + h * direction), mnp)[0]) - float(loss(jnp.asarray(m0 - h * direction), mnp)[0])) / (2 * h)
+    np.testing.assert_allclose(g @ direction, fd, rtol=1e-4, atol=1e-8)
+    fista = LeastSquares(fista=FISTA(tol=1e-14, max_iters=50000))
+    gf = np.asarray(jax.grad(lambda m: loss(m, fista)[0])(jnp.asarray(m0)))
+    np.testing.assert_allclose(g, gf, rtol=1e-3, atol=1e-6 * np.abs(gf).max())

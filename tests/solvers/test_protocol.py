@@ -56,7 +56,7 @@ def test_default_solver_table_and_overrides():
     assert default_solver("sum_ce") == WorkingSet() == default_solver("sum_sq_ce")
     assert default_solver("min_underestimation") == ADMM()
     assert default_solver("sum_ce", max_rounds=3).max_rounds == 3
-    assert default_solver("least_squares") == LeastSquares(fista=FISTA())
+    assert default_solver("least_squares") == LeastSquares() and LeastSquares().fista is None
     assert default_solver("kl", hessian_topk=64).hessian_topk == 64
     assert default_solver("least_squares", max_iters=7).fista.max_iters == 7
     with pytest.raises(ValueError, match="unknown bottleneck objective"):

@@ -42,7 +42,8 @@ class EvalConfig:
         Hessian from this many tokens of largest mass (``None``: all; ``O(K k^2)`` per step instead
         of ``O(v k^2)``).
       max_iters: iteration cap of the defaults that have one (ADMM: ``min_underestimation``;
-        ``sum_ce`` / ``sum_sq_ce`` use :class:`jaxens.WorkingSet`, capped by its rounds) and of the least-squares phase (``None``: the solvers' own caps,
+        ``sum_ce`` / ``sum_sq_ce`` use :class:`jaxens.WorkingSet`, capped by its rounds; the
+        least-squares phase uses Wolfe's minimum-norm point, capped by its passes) (``None``: the solvers' own caps,
         10,000 / 2,000).  Rows that reach it are counted in the table's ``not conv.`` column (their
         ``p`` is the last iterate, renormalised).
       progress: tqdm progress bars on stderr.

@@ -49,8 +49,9 @@ def solver_for(objective: str, cfg: EvalConfig):
 
 
 def least_squares_solver(cfg: EvalConfig):
-    """The least-squares phase's FISTA (``None``: its default) with the configuration's ``max_iters``."""
-    return None if cfg.max_iters is None else default_solver("least_squares", max_iters=cfg.max_iters).fista
+    """The least-squares phase's solver: ``None``, its default (Wolfe's minimum-norm point, with
+    its own pass cap; ``cfg.max_iters`` caps the iterative objective solvers only)."""
+    return None
 
 
 def unembeddings(members, v):
