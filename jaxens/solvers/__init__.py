@@ -21,12 +21,14 @@ from jaxens.solvers.instances import (
     RatioProgram,
 )
 from jaxens.solvers.least_squares import LeastSquares, least_squares
+from jaxens.solvers.ratio_ipm import RatioIPM
 from jaxens.solvers.solution import Solution, Status, raise_if_failed
 from jaxens.solvers.working_set import WorkingSet
 
 __all__ = [
     "WorkingSet",
     "ADMM",
+    "RatioIPM",
     "FISTA",
     "EntropicNewton",
     "CrossEntropyNewton",

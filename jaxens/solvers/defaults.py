@@ -8,7 +8,7 @@ objective             instance                       default solver (settings)
 ``least_squares``     ``LeastSquaresProgram``        ``LeastSquares(fista=FISTA())``
 ``kl``                ``EntropicProgram``            ``EntropicNewton()``
 ``max_entropy``       ``EntropicProgram``            ``EntropicNewton()``
-``min_underestimation`` ``RatioProgram``             ``ADMM()``
+``min_underestimation`` ``RatioProgram``             ``RatioIPM()`` (interior point + crossover, certified gap; ``ADMM()`` opt-in)
 ``cross_entropy``     ``MixtureCrossEntropy``        ``CrossEntropyNewton()``
 ===================== ============================== =======================================================
 
@@ -19,7 +19,8 @@ The defaults of the solvers themselves: ``WorkingSet()``: working set ``2 (r + k
 (float32) / 50,000 (float64) iterations, ``check_every=25``, polish on.  ``FISTA()``:
 ``tol=1e-6, max_iters=2000``, restart.  ``EntropicNewton()``: ``tol`` 1e-5 (float32) / 1e-10
 (float64), ``max_iters=100``, full Hessian (``hessian_topk=None``).  ``CrossEntropyNewton()``:
-``tol`` 1e-5 / 1e-10, ``max_iters=100``.  All with :class:`~jaxens.solvers.adjoint.ImplicitAdjoint`.
+``tol`` 1e-5 / 1e-10, ``max_iters=100``.  ``RatioIPM()``: certified relative gap ``5e-5``
+(float32) / ``1e-9`` (float64), residual ``1e-6`` / ``1e-11``, at most 100 iterations.  All with :class:`~jaxens.solvers.adjoint.ImplicitAdjoint`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from jaxens.solvers.cross_entropy_newton import CrossEntropyNewton
 from jaxens.solvers.entropic_newton import EntropicNewton
 from jaxens.solvers.fista import FISTA
 from jaxens.solvers.least_squares import LeastSquares
+from jaxens.solvers.ratio_ipm import RatioIPM
 
 __all__ = ["default_solver", "DEFAULT_SOLVERS"]
 
@@ -41,7 +43,7 @@ DEFAULT_SOLVERS: dict[str, Any] = {
     "least_squares": LeastSquares(fista=FISTA()),
     "kl": EntropicNewton(),
     "max_entropy": EntropicNewton(),
-    "min_underestimation": ADMM(),
+    "min_underestimation": RatioIPM(),
     "cross_entropy": CrossEntropyNewton(),
 }
 

@@ -17,6 +17,7 @@ from jaxens.solvers.entropic_newton import EntropicNewton
 from jaxens.solvers.fista import FISTA
 from jaxens.solvers.instances import ACCEPTED_BY, EntropicProgram, LeastSquaresProgram, RatioProgram
 from jaxens.solvers.least_squares import LeastSquares
+from jaxens.solvers.ratio_ipm import RatioIPM
 from jaxens.solvers.solution import Status
 
 
@@ -52,7 +53,9 @@ def test_every_objective_builds_an_instance_its_default_solver_accepts():
 def test_default_solver_table_and_overrides():
     assert default_solver("kl") == EntropicNewton()
     assert default_solver("cross_entropy") == CrossEntropyNewton()
-    assert default_solver("sum_ce") == ADMM() == default_solver("min_underestimation")
+    assert default_solver("sum_ce") == ADMM()
+    assert default_solver("min_underestimation") == RatioIPM()
+    assert default_solver("min_underestimation", max_iters=7).max_iters == 7
     assert default_solver("least_squares") == LeastSquares(fista=FISTA())
     assert default_solver("kl", hessian_topk=64).hessian_topk == 64
     assert default_solver("least_squares", max_iters=7).fista.max_iters == 7
@@ -103,3 +106,5 @@ def test_ratio_program_through_the_one_interface():
     r = jnp.asarray(p_hat.min(0) / p_hat.min(0).max())
     sol, state = ADMM().solve(problem, RatioProgram(r, jnp.ones(30, bool), m))
     assert state.x.shape == (31,) and np.isfinite(float(ADMM.ratio_value(sol.p, r)))
+    sol, warm = RatioIPM().solve(problem, RatioProgram(r, jnp.ones(30, bool), m))
+    assert warm is None and np.isfinite(float(RatioIPM.ratio_value(sol.p, r)))
