@@ -15,11 +15,13 @@ is not applied here (:data:`jaxens.solvers.polish.POLISH_RATIO`).
 
 **Certified gap.**  ``SOLVED`` needs the OSQP residuals within tolerance *and* the relative gap
 :math:`(s(p) - \mathrm{LB})/s(p) \le` ``tol_rel`` (:func:`ratio_gap`), with :math:`s(p) = \max_j p_j/r_j`
-of the returned ``p`` and :math:`\mathrm{LB}` the Lagrangian bound :func:`ratio_lower_bound` at
-ADMM's dual :math:`y = Q^\top u_p` (the scaled dual of the copy constraint on the ``p`` block:
+of the returned ``p`` and :math:`\mathrm{LB}` the larger Lagrangian bound :func:`ratio_lower_bound`
+of two multipliers: the dual of the basis at ``p``'s active set (:func:`ratio_basis_dual`; exact
+when ADMM has found the optimal vertex) and ADMM's dual :math:`y = Q^\top u_p` (the scaled dual of the copy constraint on the ``p`` block:
 at a fixed point :math:`\rho u_p \in \partial_p(\iota\{0\le p\le sr\}) \cap (-\mathrm{range}\,Q)`
-up to sign, so :math:`\rho u_p = Qy` for the LP dual ``y``).  Otherwise the status is
-``MAX_ITERS``; ``Solution.gap`` holds the certified relative gap either way.
+up to sign, so :math:`\rho u_p = Qy` for the LP dual ``y``).  A row at the iteration cap whose
+gap is certified and whose :math:`\lVert Q^\top p - \beta\rVert_\infty \le \epsilon_{abs} +
+\epsilon_{rel}\lVert p\rVert_\infty` is ``SOLVED`` as well.  Otherwise the status is ``MAX_ITERS``; ``Solution.gap`` holds the certified relative gap either way.
 
 Gradients: :class:`~jaxens.solvers.adjoint.ImplicitAdjoint` differentiates the basic solution
 at the returned active set (:func:`ratio_basis`; tokens within relative ``sqrt(eps)`` of the
@@ -54,7 +56,9 @@ from jaxens.solvers.splitting import (
 )
 from jaxens.solvers.support_adjoint import basis_solution
 
-__all__ = ["ratio_prox_s", "ratio_basis", "ratio_value", "ratio_lower_bound", "ratio_gap", "solve_ratio"]
+__all__ = [
+    "ratio_prox_s", "ratio_basis", "ratio_basis_dual", "ratio_value", "ratio_lower_bound", "ratio_gap", "solve_ratio",
+]
 
 UNROLL_STEPS = 2000  # UnrolledAdjoint(steps=None)
 
@@ -186,6 +190,24 @@ def ratio_basis(problem: BottleneckProblem, p, r, m, mask, tie_rtol: float | Non
 
 
 
+def ratio_basis_dual(Q, p, r, mask, tie_rtol: float | None = None) -> Float[Array, " r"]:
+    r"""The dual of the basis at the active set of ``p`` (as in :func:`ratio_basis`): the minimum-norm
+    ``y`` with :math:`B^\top y = e_{\text{last}}`, i.e. :math:`(Qy)_F = 0` on the free tokens and
+    :math:`\sum_{j\in U} r_j (Qy)_j = 1`, :math:`y = (BB^\top)^+ Q^\top r_U` (one ``v r^2`` product).
+    At the optimal basis :func:`ratio_lower_bound` of this ``y`` is the optimum; at any other it is
+    still a valid bound.  Not differentiated."""
+    dtype = p.dtype
+    delta = float(np.sqrt(np.finfo(dtype).eps)) if tie_rtol is None else tie_rtol
+    pos = mask & (p > 0) & (r > 0)
+    t = jnp.where(pos, p / jnp.where(pos, r, 1.0), 0.0)
+    s = jnp.max(t)
+    at = pos & (t >= s * (1.0 - delta))
+    fr = (mask & (p > 0) & ~at).astype(dtype)
+    qu = Q.T @ jnp.where(at, r, 0.0)
+    G = (Q * fr[:, None]).T @ Q + jnp.outer(qu, qu)
+    return jnp.linalg.pinv(G, hermitian=True, rtol=float(np.finfo(dtype).eps) * Q.shape[1]) @ qu
+
+
 @functools.partial(jax.jit, static_argnames=("solver",))
 def solve_ratio(solver: Any, problem: BottleneckProblem, r, mask, m, warm):
     """The min-underestimation LP for one row (``solver``: the ADMM settings)."""
@@ -234,11 +256,19 @@ def solve_ratio(solver: Any, problem: BottleneckProblem, r, mask, m, warm):
         problem_ng, state, loop_status, mask, m, finite_in, state.z[:v], dtype, solver.polish_iters, Q, beta, polished
     )
     # the certified gap: SOLVED needs it within tol_rel (see the module doc)
-    lower = ratio_lower_bound(Q, beta, r0, Q.T @ state.u[:v])
+    lower = jnp.maximum(
+        ratio_lower_bound(Q, beta, r0, Q.T @ state.u[:v]),
+        ratio_lower_bound(Q, beta, r0, ratio_basis_dual(Q, jax.lax.stop_gradient(sol.p), r0, mask)),
+    )
     gap = ratio_gap(ratio_value(sol.p, r0), lower)
-    _, tol_rel = solver.tolerances(dtype)
+    tol_abs, tol_rel = solver.tolerances(dtype)
     certified = gap <= tol_rel
+    # at the cap, a certified p whose own residual meets the primal tolerance is solved too
+    q_res = jnp.max(jnp.abs(Q.T @ sol.p - beta))
+    feasible = q_res <= tol_abs + tol_rel * jnp.max(sol.p)
+    at_cap = (sol.status == Status.MAX_ITERS) & certified & feasible
     status = jnp.where((sol.status == Status.SOLVED) & ~certified, Status.MAX_ITERS, sol.status)
+    status = jnp.where(at_cap, Status.SOLVED, status)
     sol = sol._replace(status=status.astype(jnp.int32), gap=jnp.where(finite_in, gap, jnp.inf).astype(dtype))
     p = sol.p
     if isinstance(solver.adjoint, UnrolledAdjoint):
