@@ -51,12 +51,12 @@ _SAME_VOCAB = {
     "logit_average": "geometric mean: log_softmax(sum_i w_i log p_i)",
     "prob_average": "mixture: sum_i w_i p_i",
     "me": "ME: one member drawn per step (exact samples of prob_average under plain sampling)",
-    "bottleneck-sum_ce": "LP: min -sum_i w_i p.log p_i over the bottleneck set (ADMM)",
-    "bottleneck-sum_sq_ce": "QP: min sum_i w_i (p.log p_i)^2 over the bottleneck set (ADMM)",
+    "bottleneck-sum_ce": "LP: min -sum_i w_i p.log p_i over the bottleneck set (interior point + crossover)",
+    "bottleneck-sum_sq_ce": "QP: min sum_i w_i (p.log p_i)^2 over the bottleneck set (interior point + crossover)",
     "bottleneck-least_squares": "min ||A_H^T p - m_H||^2 over the simplex (FISTA)",
     "bottleneck-kl": "min sum_i w_i KL(p || p_i) over the bottleneck set (Newton on the dual)",
     "bottleneck-max_entropy": "maximum-entropy p in the bottleneck set (Newton on the dual)",
-    "bottleneck-min_underestimation": "min max_ij p_j / p_ij over the bottleneck set (ADMM)",
+    "bottleneck-min_underestimation": "min max_ij p_j / p_ij over the bottleneck set (interior point + crossover)",
     "bottleneck-cross_entropy": "min sum_i w_i H(p_i, p) over the bottleneck set (primal-dual Newton)",
 }
 _CROSS = {

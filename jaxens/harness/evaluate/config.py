@@ -41,8 +41,8 @@ class EvalConfig:
       hessian_topk: the ``kl`` / ``max_entropy`` solver (:class:`jaxens.EntropicNewton`) forms its
         Hessian from this many tokens of largest mass (``None``: all; ``O(K k^2)`` per step instead
         of ``O(v k^2)``).
-      max_iters: iteration cap of the ADMM solvers (``sum_ce``, ``sum_sq_ce``,
-        ``min_underestimation``) and of the least-squares phase (``None``: the solvers' own caps,
+      max_iters: iteration cap of the ADMM solvers (``sum_ce``, ``sum_sq_ce``; not
+        ``min_underestimation``, whose interior point has its own) and of the least-squares phase (``None``: the solvers' own caps,
         10,000 / 2,000).  Rows that reach it are counted in the table's ``not conv.`` column (their
         ``p`` is the last iterate, renormalised).
       progress: tqdm progress bars on stderr.
