@@ -144,6 +144,14 @@ def main(argv=None) -> int:
     meta = dict(command=" ".join(["python"] + sys.argv), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 machine=f"{platform.processor() or platform.machine()} x{os.cpu_count()} ({platform.platform()})",
                 jax=jax.__version__, backend=jax.default_backend(), match_tol=MATCH)
+    old = []
+    if os.path.exists(args.out):  # runs accumulate: a row replaces the earlier one of its key
+        with open(args.out) as fh:
+            old = json.load(fh).get("rows", [])
+    keys = {(r["family"], r["solver"], r["dtype"]) for r in rows}
+    for r in rows:
+        r["command"] = meta["command"]
+    rows = [r for r in old if (r["family"], r["solver"], r["dtype"]) not in keys] + rows
     with open(args.out, "w") as fh:
         json.dump(dict(meta=meta, rows=rows), fh, indent=1)
     print(f"wrote {args.out}")
