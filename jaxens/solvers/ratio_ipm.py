@@ -60,6 +60,13 @@ margin :math:`d^\top m_H - \max_{k\in\text{mask}} (A_H d)_k` exceeds the least-s
 ``feas_tol`` (``p`` is then the last candidate, not the least-squares relaxation: the combiner's
 least-squares phase replaces it); else ``MAX_ITERS`` (a non-finite iterate: ``NUMERICAL_ERROR``).
 
+**Known limits.**  Infeasible constraints: the infeasible-start iteration's dual grows slowly
+along the Farkas ray, so a row is often ``MAX_ITERS`` (after ``max_iters``) rather than
+``INFEASIBLE``; the combiner's least-squares phase certifies it.  Float32 at ``r = 257``
+(``n d = 256``): one row in 8 of the Gaussian family never gets a feasible vertex from the
+crossover and ends ``MAX_ITERS`` with an infeasible iterate (``docs/benchmarks/ratio.md``); float64
+solves it.
+
 **Gradients** (:class:`~jaxens.solvers.adjoint.ImplicitAdjoint` only): the basic solution at the
 returned vertex's active set, :func:`~jaxens.solvers.admm_ratio.ratio_basis` (exact at a
 non-degenerate vertex; the crossover returns one whenever the status is ``SOLVED``).
