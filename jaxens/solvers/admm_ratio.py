@@ -17,11 +17,13 @@ is not applied here (:data:`jaxens.solvers.polish.POLISH_RATIO`).
 :math:`(s(p) - \mathrm{LB})/s(p) \le` ``tol_rel`` (:func:`ratio_gap`), with :math:`s(p) = \max_j p_j/r_j`
 of the returned ``p`` and :math:`\mathrm{LB}` the larger Lagrangian bound :func:`ratio_lower_bound`
 of two multipliers: the dual of the basis at ``p``'s active set (:func:`ratio_basis_dual`; exact
-when ADMM has found the optimal vertex) and ADMM's dual :math:`y = Q^\top u_p` (the scaled dual of the copy constraint on the ``p`` block:
+when ADMM has found the optimal vertex) and ADMM's dual :math:`y = Q^\top u_p` (the scaled dual
+of the copy constraint on the ``p`` block:
 at a fixed point :math:`\rho u_p \in \partial_p(\iota\{0\le p\le sr\}) \cap (-\mathrm{range}\,Q)`
 up to sign, so :math:`\rho u_p = Qy` for the LP dual ``y``).  A row at the iteration cap whose
 gap is certified and whose :math:`\lVert Q^\top p - \beta\rVert_\infty \le \epsilon_{abs} +
-\epsilon_{rel}\lVert p\rVert_\infty` is ``SOLVED`` as well.  Otherwise the status is ``MAX_ITERS``; ``Solution.gap`` holds the certified relative gap either way.
+\epsilon_{rel}\lVert p\rVert_\infty` is ``SOLVED`` as well.  Otherwise the status is ``MAX_ITERS``;
+``Solution.gap`` holds the certified relative gap either way.
 
 Gradients: :class:`~jaxens.solvers.adjoint.ImplicitAdjoint` differentiates the basic solution
 at the returned active set (:func:`ratio_basis`; tokens within relative ``sqrt(eps)`` of the

@@ -53,7 +53,8 @@ columns).  The ``r - 1`` tokens of largest :math:`\min(q_j/z_j,\ w_j/t_j)` are t
 :math:`s(p) = \max_j p_j / r_j`.  ``SOLVED`` iff the certified relative gap
 :func:`~jaxens.solvers.admm_ratio.ratio_gap` :math:`(s(p) - \mathrm{LB})/s(p) \le` ``tol`` (the loop
 stops there); ``Solution.gap`` is that gap (negative when the returned ``p`` is an iterate
-that is not yet feasible: :math:`s(p)` below the bound; ``primal_residual`` says by how much).  Otherwise ``INFEASIBLE`` when the IPM's dual is a
+that is not yet feasible: :math:`s(p)` below the bound; ``primal_residual`` says by how much).
+Otherwise ``INFEASIBLE`` when the IPM's dual is a
 Farkas ray: :math:`(d, \gamma) = T^{+\top} y` (``T_pinv``) has :math:`Qy = A_H d + \gamma\mathbf 1`,
 :math:`\beta^\top y = m_H^\top d + \gamma`, and ``d / ||d||`` is returned as the certificate when its
 margin :math:`d^\top m_H - \max_{k\in\text{mask}} (A_H d)_k` exceeds the least-squares phase's
@@ -131,7 +132,9 @@ class RatioIPM(AbstractSolver):
         if not isinstance(self.adjoint, ImplicitAdjoint):
             raise TypeError(f"RatioIPM supports adjoint=ImplicitAdjoint() only, got {self.adjoint!r}")
         if self.max_iters < 1 or not 0 < self.step_fraction < 1:
-            raise ValueError(f"Expected max_iters >= 1 and 0 < step_fraction < 1, got {self.max_iters}, {self.step_fraction}")
+            raise ValueError(
+                f"Expected max_iters >= 1 and 0 < step_fraction < 1, got {self.max_iters}, {self.step_fraction}"
+            )
         for name in ("tol", "residual_tol"):
             val = getattr(self, name)
             if val is not None and not val > 0:
@@ -350,10 +353,8 @@ def _ratio_ipm(solver: RatioIPM, problem: BottleneckProblem, r, mask, m) -> Solu
     margin = jnp.where(jnp.isfinite(margin) & (dn > 0), margin, -jnp.inf)
     feas_tol = default_feas_rtol(dtype) * jnp.maximum(1.0, jnp.linalg.norm(m_h))
     infeasible = ~solved & (margin > feas_tol)
-    status = jnp.where(
-        solved, Status.SOLVED,
-        jnp.where(infeasible, Status.INFEASIBLE, jnp.where(st.failed & ~have, Status.NUMERICAL_ERROR, Status.MAX_ITERS)),
-    )
+    other = jnp.where(st.failed & ~have, Status.NUMERICAL_ERROR, Status.MAX_ITERS)
+    status = jnp.where(solved, Status.SOLVED, jnp.where(infeasible, Status.INFEASIBLE, other))
     status = jnp.where(finite_in, status, Status.NONFINITE_INPUT).astype(jnp.int32)
     p = jnp.where(finite_in, p, p_unif)
     cert = jnp.zeros((D,), dtype).at[hard_cols].set(dvec)
