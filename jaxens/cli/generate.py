@@ -56,7 +56,7 @@ _SAME_VOCAB = {
     "bottleneck-least_squares": "min ||A_H^T p - m_H||^2 over the simplex (FISTA)",
     "bottleneck-kl": "min sum_i w_i KL(p || p_i) over the bottleneck set (Newton on the dual)",
     "bottleneck-max_entropy": "maximum-entropy p in the bottleneck set (Newton on the dual)",
-    "bottleneck-min_underestimation": "min max_ij p_j / p_ij over the bottleneck set (ADMM)",
+    "bottleneck-min_underestimation": "min max_ij p_j / p_ij over the bottleneck set (interior point + crossover)",
     "bottleneck-cross_entropy": "min sum_i w_i H(p_i, p) over the bottleneck set (primal-dual Newton)",
 }
 _CROSS = {

@@ -22,12 +22,14 @@ from jaxens.solvers.instances import (
 )
 from jaxens.solvers.least_squares import LeastSquares, least_squares
 from jaxens.solvers.min_norm_point import MinNormPoint
+from jaxens.solvers.ratio_ipm import RatioIPM
 from jaxens.solvers.solution import Solution, Status, raise_if_failed
 from jaxens.solvers.working_set import WorkingSet
 
 __all__ = [
     "WorkingSet",
     "ADMM",
+    "RatioIPM",
     "FISTA",
     "EntropicNewton",
     "CrossEntropyNewton",

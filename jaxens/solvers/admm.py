@@ -191,7 +191,9 @@ class ADMM(AbstractIterativeSolver):
 
         For a :class:`~jaxens.solvers.instances.RatioProgram` (``min s s.t. p feasible,
         0 <= p <= s r``) the state's vectors have length ``v + 1`` and the optimal ``s`` is
-        :meth:`ratio_value` of the returned ``p``."""
+        :meth:`ratio_value` of the returned ``p``; ``Solution.gap`` is then the certified relative gap
+        (:mod:`jaxens.solvers.admm_ratio`), and ``SOLVED`` needs it within ``tol_rel``.  The
+        default solver of that instance is :class:`~jaxens.solvers.ratio_ipm.RatioIPM`."""
         self.check_instance(instance)
         if isinstance(instance, RatioProgram):
             return solve_ratio(self, problem, instance.r, instance.mask, instance.m, warm)

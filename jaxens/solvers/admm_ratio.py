@@ -13,6 +13,18 @@ one sort over the breakpoints :math:`a_j/r_j`).  ``s`` is internally rescaled by
 (``ADMM.ratio_scale``) so that ``s`` and ``p`` have comparable magnitude.  The active-set polish
 is not applied here (:data:`jaxens.solvers.polish.POLISH_RATIO`).
 
+**Certified gap.**  ``SOLVED`` needs the OSQP residuals within tolerance *and* the relative gap
+:math:`(s(p) - \mathrm{LB})/s(p) \le` ``tol_rel`` (:func:`ratio_gap`), with :math:`s(p) = \max_j p_j/r_j`
+of the returned ``p`` and :math:`\mathrm{LB}` the larger Lagrangian bound :func:`ratio_lower_bound`
+of two multipliers: the dual of the basis at ``p``'s active set (:func:`ratio_basis_dual`; exact
+when ADMM has found the optimal vertex) and ADMM's dual :math:`y = Q^\top u_p` (the scaled dual
+of the copy constraint on the ``p`` block:
+at a fixed point :math:`\rho u_p \in \partial_p(\iota\{0\le p\le sr\}) \cap (-\mathrm{range}\,Q)`
+up to sign, so :math:`\rho u_p = Qy` for the LP dual ``y``).  A row at the iteration cap whose
+gap is certified and whose :math:`\lVert Q^\top p - \beta\rVert_\infty \le \epsilon_{abs} +
+\epsilon_{rel}\lVert p\rVert_\infty` is ``SOLVED`` as well.  Otherwise the status is ``MAX_ITERS``;
+``Solution.gap`` holds the certified relative gap either way.
+
 Gradients: :class:`~jaxens.solvers.adjoint.ImplicitAdjoint` differentiates the basic solution
 at the returned active set (:func:`ratio_basis`; tokens within relative ``sqrt(eps)`` of the
 bound :math:`p_j = s r_j` count as at the bound); :class:`~jaxens.solvers.adjoint.UnrolledAdjoint`
@@ -34,6 +46,7 @@ from jaxens.solvers.adjoint import UnrolledAdjoint
 from jaxens.solvers.base import iterate
 from jaxens.solvers.polish import POLISH_RATIO, polish_ratio
 from jaxens.solvers.projections import uniform_on
+from jaxens.solvers.solution import Status
 from jaxens.solvers.splitting import (
     SplittingOps,
     finish,
@@ -45,7 +58,9 @@ from jaxens.solvers.splitting import (
 )
 from jaxens.solvers.support_adjoint import basis_solution
 
-__all__ = ["ratio_prox_s", "ratio_basis", "ratio_value", "solve_ratio"]
+__all__ = [
+    "ratio_prox_s", "ratio_basis", "ratio_basis_dual", "ratio_value", "ratio_lower_bound", "ratio_gap", "solve_ratio",
+]
 
 UNROLL_STEPS = 2000  # UnrolledAdjoint(steps=None)
 
@@ -77,6 +92,59 @@ def ratio_prox_s(
     s = jnp.clip(s, lo, hi)
     return jnp.maximum(s, 0.0).astype(dtype)
 
+
+
+def ratio_lower_bound(
+    Q: Float[Array, "v r"], beta: Float[Array, " r"], r: Float[Array, " v"], y: Float[Array, " r"]
+) -> Float[Array, ""]:
+    r"""A certified lower bound on :math:`s^\star = \min\{s : Q^\top p = \beta,\ 0 \le p_j \le s r_j\}`
+    from any multiplier ``y`` of the equality constraints.
+
+    For every feasible :math:`(p, s)` and every ``y`` (weak duality),
+
+    .. math::
+
+        s = s + y^\top(\beta - Q^\top p)
+          \ \ge\ \beta^\top y + \min_{s\ge0,\ 0\le p\le s r}\big(s - p^\top Q y\big)
+          = \beta^\top y + \min_{s\ge0}\ s\Big(1 - \sum_j r_j (Qy)_j^+\Big),
+
+    because for fixed ``s`` the inner minimum over the box :math:`[0, s r]` puts :math:`p_j = s r_j`
+    where :math:`(Qy)_j > 0` and :math:`p_j = 0` elsewhere.  With :math:`c(y) = \sum_j r_j (Qy)_j^+`
+    the minimum over ``s`` is 0 if :math:`c(y) \le 1` and :math:`-\infty` otherwise, so
+    :math:`\mathrm{LB}(y) = \beta^\top y` on :math:`\{c(y) \le 1\}`.  Both :math:`\beta^\top y` and
+    :math:`c` are positively homogeneous, so the best multiple of a direction ``y`` (scaled down,
+    or up, to :math:`c = 1`) gives
+
+    .. math::  \mathrm{LB}(y) = \max\Big(\frac{\beta^\top y}{c(y)},\ \frac{1}{\sum_j r_j}\Big)
+               \quad(\beta^\top y > 0,\ c(y) > 0),
+
+    the second term being the bound of the direction :math:`Qy = \mathbf 1` (:math:`\mathbf 1^\top p = 1`
+    is one of the constraints: :math:`1 = \sum_j p_j \le s\sum_j r_j`).  ``r`` must be 0 where
+    ``p`` must be 0 (off the mask).  A direction with :math:`c(y) = 0 < \beta^\top y` is a Farkas
+    ray (the constraints are infeasible); it is not used here (the bound stays finite).
+    The bound is exact up to the rounding of :math:`Qy` (relative ``~ v eps``).
+    """
+    dtype = Q.dtype
+    g = Q @ y
+    c = jnp.sum(r * jnp.maximum(g, 0.0))
+    by = beta @ y
+    tiny = jnp.finfo(dtype).tiny
+    ray = jnp.where((by > 0) & (c > tiny), by / jnp.where(c > tiny, c, 1.0), 0.0)
+    tot = jnp.sum(r)
+    floor = jnp.where(tot > 0, 1.0 / jnp.where(tot > 0, tot, 1.0), 0.0)
+    return jnp.maximum(ray, floor).astype(dtype)
+
+
+def ratio_gap(primal: Float[Array, ""], lower: Float[Array, ""]) -> Float[Array, ""]:
+    r"""The certified relative gap :math:`(s - \mathrm{LB}) / s` (``inf`` when ``s`` is not finite).
+
+    Relative to ``s`` itself, not to :math:`\max(1, |s|)`: the objective's scale is that of ``r``
+    (:func:`jaxens.objectives.underestimation_bound` scales it to ``max r = 1``, so ``s`` is often
+    ``1e-2``), and the minimiser does not depend on it; ``s >= 1 / sum(r) > 0`` on any feasible row.
+    """
+    ok = jnp.isfinite(primal) & (primal > 0)
+    gap = (primal - lower) / jnp.where(ok, primal, 1.0)
+    return jnp.where(ok, gap, jnp.inf)
 
 
 def _ratio_ops(problem: BottleneckProblem, r, m, omega):
@@ -124,6 +192,24 @@ def ratio_basis(problem: BottleneckProblem, p, r, m, mask, tie_rtol: float | Non
 
 
 
+def ratio_basis_dual(Q, p, r, mask, tie_rtol: float | None = None) -> Float[Array, " r"]:
+    r"""The dual of the basis at the active set of ``p`` (as in :func:`ratio_basis`): the minimum-norm
+    ``y`` with :math:`B^\top y = e_{\text{last}}`, i.e. :math:`(Qy)_F = 0` on the free tokens and
+    :math:`\sum_{j\in U} r_j (Qy)_j = 1`, :math:`y = (BB^\top)^+ Q^\top r_U` (one ``v r^2`` product).
+    At the optimal basis :func:`ratio_lower_bound` of this ``y`` is the optimum; at any other it is
+    still a valid bound.  Not differentiated."""
+    dtype = p.dtype
+    delta = float(np.sqrt(np.finfo(dtype).eps)) if tie_rtol is None else tie_rtol
+    pos = mask & (p > 0) & (r > 0)
+    t = jnp.where(pos, p / jnp.where(pos, r, 1.0), 0.0)
+    s = jnp.max(t)
+    at = pos & (t >= s * (1.0 - delta))
+    fr = (mask & (p > 0) & ~at).astype(dtype)
+    qu = Q.T @ jnp.where(at, r, 0.0)
+    G = (Q * fr[:, None]).T @ Q + jnp.outer(qu, qu)
+    return jnp.linalg.pinv(G, hermitian=True, rtol=float(np.finfo(dtype).eps) * Q.shape[1]) @ qu
+
+
 @functools.partial(jax.jit, static_argnames=("solver",))
 def solve_ratio(solver: Any, problem: BottleneckProblem, r, mask, m, warm):
     """The min-underestimation LP for one row (``solver``: the ADMM settings)."""
@@ -142,6 +228,7 @@ def solve_ratio(solver: Any, problem: BottleneckProblem, r, mask, m, warm):
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     r_live, m_live = r, m
     problem_ng, r, m = jax.lax.stop_gradient((problem, r, m))
+    r0 = r
     if solver.ratio_scale is None:  # see the ratio_scale doc
         kappa = 0.01 * jnp.maximum(jnp.sum(r), jnp.finfo(dtype).tiny) / jnp.maximum(jnp.sum(mask), 1)
     else:
@@ -170,6 +257,21 @@ def solve_ratio(solver: Any, problem: BottleneckProblem, r, mask, m, warm):
     sol, state = finish(
         problem_ng, state, loop_status, mask, m, finite_in, state.z[:v], dtype, solver.polish_iters, Q, beta, polished
     )
+    # the certified gap: SOLVED needs it within tol_rel (see the module doc)
+    lower = jnp.maximum(
+        ratio_lower_bound(Q, beta, r0, Q.T @ state.u[:v]),
+        ratio_lower_bound(Q, beta, r0, ratio_basis_dual(Q, jax.lax.stop_gradient(sol.p), r0, mask)),
+    )
+    gap = ratio_gap(ratio_value(sol.p, r0), lower)
+    tol_abs, tol_rel = solver.tolerances(dtype)
+    certified = gap <= tol_rel
+    # at the cap, a certified p whose own residual meets the primal tolerance is solved too
+    q_res = jnp.max(jnp.abs(Q.T @ sol.p - beta))
+    feasible = q_res <= tol_abs + tol_rel * jnp.max(sol.p)
+    at_cap = (sol.status == Status.MAX_ITERS) & certified & feasible
+    status = jnp.where((sol.status == Status.SOLVED) & ~certified, Status.MAX_ITERS, sol.status)
+    status = jnp.where(at_cap, Status.SOLVED, status)
+    sol = sol._replace(status=status.astype(jnp.int32), gap=jnp.where(finite_in, gap, jnp.inf).astype(dtype))
     p = sol.p
     if isinstance(solver.adjoint, UnrolledAdjoint):
         xu, zu = _ratio_ops(problem, r_live / kappa, m_live, omega)

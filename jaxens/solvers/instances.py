@@ -14,7 +14,7 @@ instance                       problem                                          
 :class:`QuadraticProgram`      :math:`\min_{p\in\mathcal F} \tfrac12\lVert F^\top p\rVert^2 + c^\top p`   ``ADMM``
 :class:`EntropicProgram`       :math:`\min_{p\in\mathcal F} \mathrm{KL}(p\Vert\mathrm{softmax}(\theta))`  ``EntropicNewton``
 :class:`MixtureCrossEntropy`   :math:`\min_{p\in\mathcal F} -\sum_j s_j\log p_j`                      ``CrossEntropyNewton``
-:class:`RatioProgram`          :math:`\min_{p\in\mathcal F}\max_j p_j / r_j`                          ``ADMM``
+:class:`RatioProgram`          :math:`\min_{p\in\mathcal F}\max_j p_j / r_j`                          ``RatioIPM``, ``ADMM``
 :class:`LeastSquaresProgram`   :math:`\min_{p\in\Delta_v,\ p\le u}\lVert A_H^\top p - m_H\rVert^2` (+ certificate)  ``LeastSquares``
 :class:`PenalisedProgram`      :math:`\min_{p\in\Delta_v,\ p\le u} \tfrac12\lVert F^\top p\rVert^2 + c^\top p + \tfrac h2\lVert A_H^\top p - m_H\rVert^2`  ``FISTA``
 =============================  =====================================================================  ============================
@@ -121,7 +121,7 @@ ACCEPTED_BY: dict[type, tuple[str, ...]] = {
     QuadraticProgram: ("WorkingSet", "ADMM"),
     EntropicProgram: ("EntropicNewton",),
     MixtureCrossEntropy: ("CrossEntropyNewton",),
-    RatioProgram: ("ADMM",),
+    RatioProgram: ("RatioIPM", "ADMM"),
     LeastSquaresProgram: ("LeastSquares",),
     PenalisedProgram: ("FISTA",),
 }

@@ -134,7 +134,8 @@ def _options(objective, solver):
 
 
 # The LP-type objectives are compared in float32 *and* in float64.  WorkingSet (default for sum_ce and
-# sum_sq_ce) ends on a crossover vertex / the restricted QP optimum; ADMM (min_underestimation) polishes its answer on the active set (KKT solve, OSQP's solution
+# sum_sq_ce) ends on a crossover vertex / the restricted QP optimum; min_underestimation's default
+# RatioIPM's crossover returns the vertex (keyed "ADMM" below, same tolerance); ADMM polishes its answer on the active set (KKT solve, OSQP's solution
 # polishing): the vertex / QP optimum is then exact to rounding, so float32 meets TOL like the
 # other solvers (before polishing: 3e-4 / 3e-3 between a batch of 1 and 8 on one device).  The
 # entropic path of EntropicNewton.the LinearProgram solve ends at a small entropy weight where float32 moves p by
@@ -153,8 +154,8 @@ def _lp_like(objective, solver):
 def _compare(problem, logits, objective, solver, meshes, tol):
     comb = bottleneck(problem, objective, **_options(objective, solver))
     _, _, ref = jax.jit(comb.combine)(logits, comb.init(B))
-    # min_underestimation (ADMM on the RatioProgram, not polished) reaches float32's iteration cap on most
-    # rows of this instance; its answer at the cap is still compared (same statuses, same p)
+    # min_underestimation: a row its solver does not certify is MAX_ITERS; its answer is still
+    # compared (same statuses, same p)
     allowed = (0, 1) if objective == "min_underestimation" else (0,)
     assert np.all(np.isin(np.asarray(ref.status), allowed)), f"single-device reference not solved: {ref.status}"
     for batch, vocab in meshes:

@@ -66,7 +66,7 @@ def test_eval_solvers_are_the_defaults_with_the_config_caps():
     assert solver_for("max_entropy", cfg) == EntropicNewton(hessian_topk=2048)
     for o in ("sum_ce", "sum_sq_ce"):  # WorkingSet: capped by its rounds, not max_iters
         assert solver_for(o, cfg) == WorkingSet()
-    assert solver_for("min_underestimation", cfg) == ADMM(max_iters=3000)
+    assert solver_for("min_underestimation", cfg) == default_solver("min_underestimation")
     assert solver_for("least_squares", cfg) == default_solver("least_squares")
     free = EvalConfig(hessian_topk=None, max_iters=None)
     assert solver_for("kl", free) == EntropicNewton() and solver_for("min_underestimation", free) == ADMM()

@@ -154,3 +154,41 @@ def test_warm_start_and_vmap():
     np.testing.assert_allclose(np.asarray(sol.p[1]), np.asarray(cold.p), atol=1e-9)
     f(cs + 1.0)
     assert f._cache_size() == 1
+
+
+def _highs_ratio(A, m, r):
+    v = A.shape[0]
+    Aeq, beq = _eq(A, m)
+    cc = np.zeros(v + 1)
+    cc[-1] = 1.0
+    ref = linprog(
+        cc, A_ub=np.hstack([np.eye(v), -r[:, None]]), b_ub=np.zeros(v),
+        A_eq=np.hstack([Aeq, np.zeros((Aeq.shape[0], 1))]), b_eq=beq, bounds=(0, None), method="highs",
+    )
+    assert ref.status == 0
+    return ref.fun
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("solver", [ADMM(), SOLVER], ids=["default", "tight"])
+def test_min_underestimation_certified_gap(dtype, solver):
+    """LB <= HiGHS optimum <= s(p), and SOLVED => the gap vs HiGHS is within tol_rel."""
+    for seed in (0, 1, 3):
+        prob, Ws, ph, m = _instance(seed, v=160)
+        prob = make_problem(Ws, dtype=dtype)
+        A = np.asarray(prob.A, np.float64)
+        r = ph.min(0) / ph.min(0).max()
+        sol, _ = solver.solve(prob, RatioProgram(jnp.asarray(r, dtype), jnp.ones(A.shape[0], bool), jnp.asarray(m, dtype)))
+        ref = _highs_ratio(A, m, r)
+        s = float(np.max(np.asarray(sol.p, np.float64) / r))
+        lower = s * (1.0 - float(sol.gap))
+        rnd = 1e-5 if dtype == jnp.float32 else 1e-10  # rounding of LB (Q y over v terms)
+        # p is feasible only to its residual (~1e-6 in float32), which moves s(p) by ~residual / r_j
+        slack = 1e-4 if dtype == jnp.float32 else 1e-8
+        assert np.isfinite(float(sol.gap))
+        assert lower <= ref * (1 + rnd), (seed, lower, ref)
+        assert ref <= s * (1 + slack), (seed, ref, s)
+        if int(sol.status) == Status.SOLVED:
+            assert (s - ref) / ref <= solver.tolerances(dtype)[1] + slack, (seed, s, ref)
+        else:
+            assert int(sol.status) == Status.MAX_ITERS

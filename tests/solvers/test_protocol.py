@@ -17,6 +17,7 @@ from jaxens.solvers.entropic_newton import EntropicNewton
 from jaxens.solvers.fista import FISTA
 from jaxens.solvers.instances import ACCEPTED_BY, EntropicProgram, LeastSquaresProgram, RatioProgram
 from jaxens.solvers.least_squares import LeastSquares
+from jaxens.solvers.ratio_ipm import RatioIPM
 from jaxens.solvers.solution import Status
 from jaxens.solvers.working_set import WorkingSet
 
@@ -54,7 +55,8 @@ def test_default_solver_table_and_overrides():
     assert default_solver("kl") == EntropicNewton()
     assert default_solver("cross_entropy") == CrossEntropyNewton()
     assert default_solver("sum_ce") == WorkingSet() == default_solver("sum_sq_ce")
-    assert default_solver("min_underestimation") == ADMM()
+    assert default_solver("min_underestimation") == RatioIPM()
+    assert default_solver("min_underestimation", max_iters=7).max_iters == 7
     assert default_solver("sum_ce", max_rounds=3).max_rounds == 3
     assert default_solver("least_squares") == LeastSquares() and LeastSquares().fista is None
     assert default_solver("kl", hessian_topk=64).hessian_topk == 64
@@ -106,3 +108,5 @@ def test_ratio_program_through_the_one_interface():
     r = jnp.asarray(p_hat.min(0) / p_hat.min(0).max())
     sol, state = ADMM().solve(problem, RatioProgram(r, jnp.ones(30, bool), m))
     assert state.x.shape == (31,) and np.isfinite(float(ADMM.ratio_value(sol.p, r)))
+    sol, warm = RatioIPM().solve(problem, RatioProgram(r, jnp.ones(30, bool), m))
+    assert warm is None and np.isfinite(float(RatioIPM.ratio_value(sol.p, r)))

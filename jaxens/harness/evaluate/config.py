@@ -41,9 +41,10 @@ class EvalConfig:
       hessian_topk: the ``kl`` / ``max_entropy`` solver (:class:`jaxens.EntropicNewton`) forms its
         Hessian from this many tokens of largest mass (``None``: all; ``O(K k^2)`` per step instead
         of ``O(v k^2)``).
-      max_iters: iteration cap of the defaults that have one (ADMM: ``min_underestimation``;
-        ``sum_ce`` / ``sum_sq_ce`` use :class:`jaxens.WorkingSet`, capped by its rounds; the
-        least-squares phase uses Wolfe's minimum-norm point, capped by its passes) (``None``: the solvers' own caps,
+      max_iters: iteration cap of ADMM where it is the solver (no objective's default now:
+        ``sum_ce`` / ``sum_sq_ce`` use :class:`jaxens.WorkingSet`, ``min_underestimation``
+        :class:`jaxens.RatioIPM`, the least-squares phase Wolfe's minimum-norm point, each with its
+        own cap) (``None``: the solvers' own caps,
         10,000 / 2,000).  Rows that reach it are counted in the table's ``not conv.`` column (their
         ``p`` is the last iterate, renormalised).
       progress: tqdm progress bars on stderr.

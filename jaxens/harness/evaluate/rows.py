@@ -15,7 +15,6 @@ Solvers (:func:`solver_for`): the objective's default solver
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import jax
@@ -24,6 +23,7 @@ import numpy as np
 
 from jaxens.combiners.averaging import logit_average, prob_average
 from jaxens.combiners.bottleneck import bottleneck
+from jaxens.solvers.admm import ADMM
 from jaxens.solvers.defaults import default_solver
 from jaxens.harness.evaluate.combine import feasibility_rows, jit_combiner, run_combiner, run_feasible_rows
 from jaxens.harness.evaluate.config import EvalConfig
@@ -36,14 +36,12 @@ ENTROPIC_OBJECTIVES = ("kl", "max_entropy")  # EntropicNewton: hessian_topk
 
 def solver_for(objective: str, cfg: EvalConfig):
     """The objective's default solver with the configuration's ``hessian_topk`` (entropic
-    objectives) or ``max_iters`` (iterative first-order defaults, i.e. those with a
-    ``max_iters`` field, e.g. ADMM; WorkingSet's rounds cap is its own) when set."""
+    objectives) or ``max_iters`` (where the default is ADMM; WorkingSet, RatioIPM and the
+    Newton solvers keep their own caps) when set."""
     overrides = {}
-    solver = default_solver(objective)
     if objective in ENTROPIC_OBJECTIVES and cfg.hessian_topk is not None:
         overrides["hessian_topk"] = cfg.hessian_topk
-    elif (objective not in ENTROPIC_OBJECTIVES and cfg.max_iters is not None
-          and "max_iters" in {f.name for f in dataclasses.fields(solver)}):
+    elif isinstance(default_solver(objective), ADMM) and cfg.max_iters is not None:
         overrides["max_iters"] = cfg.max_iters
     return default_solver(objective, **overrides)
 
