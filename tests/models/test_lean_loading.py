@@ -164,3 +164,24 @@ def test_scanned_layers_fill_one_stack(files):
     a, b = scanned.params_numpy(), unrolled.params_numpy()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "safetensors"])
+def test_bfloat16_member_matches_eager_cast(files, fmt):
+    root, _, weight_bytes = files
+    cfg, tensors = gguf_to_hf(root / "m.gguf", progress=False)
+    if fmt == "gguf":
+        lean = load_gguf(root / "m.gguf", dtype="bfloat16", progress=False)
+    else:
+        from jaxens.models.loading import read_safetensors
+
+        cfg = json.loads((root / "hf" / "config.json").read_text())
+        tensors = read_safetensors(root / "hf" / "model.safetensors")
+        lean = load_hf_dir(root / "hf", dtype="bfloat16")
+    eager = model_from_hf_tensors(cfg, tensors, dtype="bfloat16")
+    assert _member_bytes(lean) == weight_bytes // 2
+    from flax import nnx
+
+    for a, b in zip(jax.tree.leaves(nnx.state(lean)), jax.tree.leaves(nnx.state(eager))):
+        assert a.dtype == b.dtype == jax.numpy.bfloat16
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
