@@ -352,9 +352,13 @@ def make_problem(
 
     GC = np.block([[G[np.ix_(hard_cols, hard_cols)], colsum[hard_cols, None]],
                    [colsum[None, hard_cols], np.array([[float(v)]])]])
+    lip_h = float(np.linalg.eigvalsh(G[np.ix_(hard_cols, hard_cols)])[-1]) if hard_t else 0.0
+    lip_m = np.array([np.linalg.eigvalsh(G[a:b, a:b])[-1] for a, b in zip(starts[:-1], starts[1:])])
+    del G  # D x D float64 temporaries are freed as soon as they are used
     lam, V = np.linalg.eigh(GC)
     keep = lam > max(lam[-1], 1e-300) * max(rank_rtol, 1e-12)
     R = V[:, keep] / np.sqrt(lam[keep])  # Q0 = C R
+    del V
     # one re-orthonormalisation step (the Gram route squares the condition number):
     # Q = Q0 (Q0^T Q0)^{-1/2} = C R2, with Q0^T Q0 accumulated over row blocks (pass 2)
     M = np.zeros((R.shape[1], R.shape[1]))
@@ -363,8 +367,10 @@ def make_problem(
         M += Qb.T @ Qb
     w, U = np.linalg.eigh(M)
     R2 = R @ (U / np.sqrt(w)) @ U.T
-    Q = _aligned_empty((v, R.shape[1]), np_dtype)
-    T = np.zeros((R.shape[1], GC.shape[0]))
+    r = R.shape[1]
+    del M, U, R
+    Q = _aligned_empty((v, r), np_dtype)
+    T = np.zeros((r, GC.shape[0]))
     for r0, r1 in blocks:  # pass 3: Q = C R2 (stored in the working dtype), T = Q^T C
         Cb = c_rows(r0, r1)
         Qb = Cb @ R2
@@ -372,8 +378,6 @@ def make_problem(
         Q[r0:r1] = Qb
     del Cb, Qb
     T_pinv = np.linalg.pinv(T.T, rcond=1e-12)  # beta = pinv(T^T) [m_h; 1]; C = Q T on the retained subspace
-    lip_h = float(np.linalg.eigvalsh(G[np.ix_(hard_cols, hard_cols)])[-1]) if hard_t else 0.0
-    lip_m = np.array([np.linalg.eigvalsh(G[a:b, a:b])[-1] for a, b in zip(starts[:-1], starts[1:])])
     cast = lambda x: jnp.asarray(x, dtype=dtype)  # noqa: E731
     con = sorted(set(hard_t) | set(soft_t))
     A_con = None
