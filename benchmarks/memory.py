@@ -254,16 +254,24 @@ def _fmt(r: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| size | phase | weights GiB | RSS at start GiB | peak RSS GiB | peak / weights | peak − start GiB "
-            "| end GiB | s |\n|---|---|---|---|---|---|---|---|---|")
+    head = ("| size | phase | weights GiB | RSS at start GiB | peak RSS GiB | peak − start GiB | end GiB | s | notes |\n"
+            "|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['size']} | {r['phase']} | failed | | | | | | |")
             continue
+        d = r["peak_gib"] - r["start_gib"]
+        if r["phase"].startswith("load"):
+            note = f"peak − start = {d / r['weight_gib']:.2f}x weights"
+        elif "D" in r:
+            note = f"D = {r['D']}, A + Q = {r['problem_gib']:.2f} GiB"
+        elif "rss_after_each_gib" in r:
+            note = "RSS after each: " + ", ".join(f"{x:.2f}" for x in r["rss_after_each_gib"])
+        else:
+            note = ""
         lines.append(f"| {r['size']} | {r['phase']} | {r['weight_gib']:.2f} | {r['start_gib']:.2f} | {r['peak_gib']:.2f} "
-                     f"| {r['peak_gib'] / r['weight_gib']:.2f} | {r['peak_gib'] - r['start_gib']:.2f} "
-                     f"| {r['end_gib']:.2f} | {r['seconds']:.1f} |")
+                     f"| {d:.2f} | {r['end_gib']:.2f} | {r['seconds']:.1f} | {note} |")
     return "\n".join(lines)
 
 
