@@ -14,8 +14,10 @@ The bottleneck feasible set (Finlayson, "The right way to ensemble language mode
 for the *hard* members :math:`H`; *soft* members :math:`S` add
 :math:`\sum_{i\in S} \tfrac{\rho_i}{2}\lVert A_i^\top p - m_i\rVert^2` to the objective instead.
 
-A :class:`BottleneckProblem` is built once per ensemble (eagerly, in float64 numpy) and reused
-by every step and every batch row.  It caches
+A :class:`BottleneckProblem` is built once per ensemble (eagerly, in numpy) and reused by every
+step and every batch row.  :func:`make_problem` holds one ``v x D`` copy of ``A`` in the working
+dtype plus the basis ``Q``: the Gram matrices and the basis are accumulated in float64 over row
+blocks of ``A`` (about :data:`ROW_BLOCK_BYTES` each), never over a float64 copy of ``A``.  It caches
 
 * ``A`` (``v x D``) in the working dtype, and each member's column slice;
 * ``A_con``: a contiguous copy of the *constrained* (hard and soft) members' columns, when
@@ -203,8 +205,32 @@ class BottleneckProblem:
         return jnp.max(jnp.abs(self.hard_products(p) - self.hard_moments(m)), axis=-1)
 
 
-def _as_np(x: Any) -> np.ndarray:
-    return np.asarray(jax.device_get(x), dtype=np.float64)
+ROW_BLOCK_BYTES = 1 << 25  # float64 bytes of one row block of A in make_problem's passes
+
+
+def _host_rows(x: Any) -> Any:
+    """A row-sliceable host view of ``x`` without a full copy: numpy as is, a CPU jax array as a
+    numpy view of its buffer; other jax arrays stay on their device (sliced block by block)."""
+    if isinstance(x, jax.Array):
+        if all(d.platform == "cpu" for d in x.devices()):
+            return np.asarray(x)
+        return x
+    return np.asarray(x)
+
+
+def _rows(x: Any, r0: int, r1: int) -> np.ndarray:
+    return np.asarray(jax.device_get(x[r0:r1])) if isinstance(x, jax.Array) else x[r0:r1]
+
+
+def _row_blocks(v: int, width: int):
+    step = max(256, ROW_BLOCK_BYTES // (8 * max(1, width)))
+    return [(r0, min(v, r0 + step)) for r0 in range(0, v, step)]
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    from jaxens.models.assemble import aligned_empty  # jax adopts aligned host buffers on the CPU
+
+    return aligned_empty(shape, dtype)
 
 
 def make_problem(
@@ -241,18 +267,20 @@ def make_problem(
     """
     if len(unembeddings) == 0:
         raise ValueError("make_problem needs at least one member unembedding, got none")
-    Ws = [_as_np(W) for W in unembeddings]
+    Ws = [_host_rows(W) for W in unembeddings]
     for i, W in enumerate(Ws):
         if W.ndim != 2:
             raise ValueError(f"unembedding {i} must be a (v, d) matrix, got shape {W.shape}")
-        if not np.all(np.isfinite(W)):
+        finite = jnp.isfinite(W).all() if isinstance(W, jax.Array) else all(
+            np.isfinite(W[r0:r1]).all() for r0, r1 in _row_blocks(W.shape[0], W.shape[1]))
+        if not bool(finite):
             raise ValueError(f"unembedding {i} contains NaN or inf; check the checkpoint")
     v = Ws[0].shape[0]
     for i, W in enumerate(Ws):
         if W.shape[0] != v:
             raise ValueError(
-                f"members have different vocabulary sizes: unembedding 0 has shape {Ws[0].shape}, "
-                f"unembedding {i} has shape {W.shape}; the bottleneck combiner needs a shared "
+                f"members have different vocabulary sizes: unembedding 0 has shape {tuple(Ws[0].shape)}, "
+                f"unembedding {i} has shape {tuple(W.shape)}; the bottleneck combiner needs a shared "
                 "vocabulary (use jaxens.vocab for cross-tokenizer ensembles)"
             )
     n = len(Ws)
@@ -260,17 +288,16 @@ def make_problem(
         biases = [None] * n
     if len(biases) != n:
         raise ValueError(f"got {n} unembeddings but {len(biases)} biases; pass None for no bias")
-    blocks = []
-    for i, (W, b) in enumerate(zip(Ws, biases)):
-        if b is None:
-            blocks.append(W)
-            continue
-        b = _as_np(b)
-        if b.shape != (v,):
-            raise ValueError(f"bias {i} must have shape ({v},), got {b.shape}")
-        blocks.append(np.concatenate([W, b[:, None]], axis=1))
-    member_cols = tuple(int(B.shape[1]) for B in blocks)
-    A = np.concatenate(blocks, axis=1)
+    bs = []
+    for i, b in enumerate(biases):
+        if b is not None:
+            b = np.asarray(jax.device_get(b), dtype=np.float64)
+            if b.shape != (v,):
+                raise ValueError(f"bias {i} must have shape ({v},), got {b.shape}")
+        bs.append(b)
+    member_cols = tuple(int(W.shape[1]) + (b is not None) for W, b in zip(Ws, bs))
+    starts = np.cumsum((0,) + member_cols)
+    D = int(starts[-1])
 
     if isinstance(hard, str):
         if hard != "all":
@@ -290,34 +317,80 @@ def make_problem(
             f"members {sorted(set(hard_t) & set(soft_t))} are both hard and soft; choose one"
         )
 
-    # Everything from Gram matrices (D x D), never an SVD of a v x D matrix (v >> D).
-    G = A.T @ A
+    # A in the working dtype, filled member by member and row block by row block: the only
+    # v x D copy (the members' own unembeddings aside).  Everything else comes from D x D Gram
+    # matrices accumulated in float64 over row blocks of A (never an SVD of a v x D matrix).
+    np_dtype = np.dtype(dtype)
+    A = _aligned_empty((v, D), np_dtype)
+    for i, (W, b) in enumerate(zip(Ws, bs)):
+        c0, d_i = int(starts[i]), int(W.shape[1])
+        for r0, r1 in _row_blocks(v, d_i):
+            A[r0:r1, c0:c0 + d_i] = _rows(W, r0, r1)
+        if b is not None:
+            A[:, c0 + d_i] = b
+    del Ws
+    blocks = _row_blocks(v, D)
     hard_cols = np.concatenate(
-        [np.arange(sum(member_cols[:i]), sum(member_cols[: i + 1])) for i in hard_t]
+        [np.arange(starts[i], starts[i + 1]) for i in hard_t]
     ) if hard_t else np.zeros((0,), np.int64)
-    A_h = A[:, hard_cols]
-    ones = np.ones((v, 1))
-    GC = np.block([[G[np.ix_(hard_cols, hard_cols)], A_h.T @ ones], [ones.T @ A_h, np.array([[float(v)]])]])
+    G = np.zeros((D, D))
+    colsum = np.zeros(D)
+    for r0, r1 in blocks:  # pass 1: G = A^T A, A^T 1
+        Ab = A[r0:r1].astype(np.float64)
+        G += Ab.T @ Ab
+        colsum += Ab.sum(axis=0)
+    del Ab
+
+    contiguous = hard_cols.size > 0 and np.array_equal(hard_cols, np.arange(hard_cols[0], hard_cols[0] + hard_cols.size))
+    hard_idx = slice(int(hard_cols[0]), int(hard_cols[0]) + hard_cols.size) if contiguous else hard_cols
+
+    def c_rows(r0, r1):  # rows of C = [A_H, 1] in float64 (one buffer)
+        Cb = np.empty((r1 - r0, hard_cols.size + 1))
+        Cb[:, :-1] = A[r0:r1, hard_idx]
+        Cb[:, -1] = 1.0
+        return Cb
+
+    GC = np.block([[G[np.ix_(hard_cols, hard_cols)], colsum[hard_cols, None]],
+                   [colsum[None, hard_cols], np.array([[float(v)]])]])
+    lip_h = float(np.linalg.eigvalsh(G[np.ix_(hard_cols, hard_cols)])[-1]) if hard_t else 0.0
+    lip_m = np.array([np.linalg.eigvalsh(G[a:b, a:b])[-1] for a, b in zip(starts[:-1], starts[1:])])
+    del G  # D x D float64 temporaries are freed as soon as they are used
     lam, V = np.linalg.eigh(GC)
     keep = lam > max(lam[-1], 1e-300) * max(rank_rtol, 1e-12)
-    lam_r, V_r = lam[keep], V[:, keep]
-    C = np.concatenate([A_h, ones], axis=1)
-    Q = C @ (V_r / np.sqrt(lam_r))
-    # one re-orthonormalisation step (the Gram route squares the condition number)
-    w, U = np.linalg.eigh(Q.T @ Q)
-    Q = Q @ (U / np.sqrt(w)) @ U.T
-    T = Q.T @ C  # C = Q T on the retained subspace
-    T_pinv = np.linalg.pinv(T.T, rcond=1e-12)  # beta = pinv(T^T) [m_h; 1]
-    lip_h = float(np.linalg.eigvalsh(G[np.ix_(hard_cols, hard_cols)])[-1]) if hard_t else 0.0
-    starts = np.cumsum((0,) + member_cols)
-    lip_m = np.array([np.linalg.eigvalsh(G[a:b, a:b])[-1] for a, b in zip(starts[:-1], starts[1:])])
+    R = V[:, keep] / np.sqrt(lam[keep])  # Q0 = C R
+    del V
+    # one re-orthonormalisation step (the Gram route squares the condition number):
+    # Q = Q0 (Q0^T Q0)^{-1/2} = C R2, with Q0^T Q0 accumulated over row blocks (pass 2)
+    M = np.zeros((R.shape[1], R.shape[1]))
+    for r0, r1 in blocks:
+        Qb = c_rows(r0, r1) @ R
+        M += Qb.T @ Qb
+    w, U = np.linalg.eigh(M)
+    R2 = R @ (U / np.sqrt(w)) @ U.T
+    r = R.shape[1]
+    del M, U, R
+    Q = _aligned_empty((v, r), np_dtype)
+    T = np.zeros((r, GC.shape[0]))
+    for r0, r1 in blocks:  # pass 3: Q = C R2 (stored in the working dtype), T = Q^T C
+        Cb = c_rows(r0, r1)
+        Qb = Cb @ R2
+        T += Qb.T @ Cb
+        Q[r0:r1] = Qb
+    del Cb, Qb
+    T_pinv = np.linalg.pinv(T.T, rcond=1e-12)  # beta = pinv(T^T) [m_h; 1]; C = Q T on the retained subspace
     cast = lambda x: jnp.asarray(x, dtype=dtype)  # noqa: E731
     con = sorted(set(hard_t) | set(soft_t))
-    con_cols = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in con]) if con else None
+    A_con = None
+    if len(con) not in (0, n):
+        con_cols = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in con])
+        A_con = _aligned_empty((v, con_cols.size), np_dtype)
+        for r0, r1 in blocks:
+            A_con[r0:r1] = A[r0:r1, con_cols]
+        A_con = jax.device_put(A_con)
     return BottleneckProblem(
-        A_con=None if len(con) in (0, n) else cast(A[:, con_cols]),
-        A=cast(A),
-        Q=cast(Q),
+        A_con=A_con,
+        A=jax.device_put(A),  # adopted without a copy on the CPU (aligned host buffers)
+        Q=jax.device_put(Q),
         T_pinv=cast(T_pinv),
         lipschitz_hard=cast(lip_h),
         lipschitz_members=cast(lip_m),

@@ -43,7 +43,6 @@ from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
@@ -56,6 +55,7 @@ from jaxens.harness.bpb import pivot_method, split_rows
 from jaxens.harness.evaluate.combine import jit_combiner, run_combiner
 from jaxens.harness.members import display_name, load_member, vocabularies_differ
 from jaxens.harness.teacher_forcing import context_token, teacher_forced_log_probs
+from jaxens.models.forward import split_jit
 from jaxens.sampling import Sampler
 from jaxens.solvers.defaults import default_solver
 from jaxens.vocab import CROSS_METHODS, CrossDecoder
@@ -76,13 +76,15 @@ def numbered_args(args: dict, key: str) -> list:
     return out
 
 
-@nnx.jit
-def _gathered_logits(model, tokens, rows, cols):
+def _gathered_logits_fn(model, tokens, rows, cols):
     """``logits[rows, cols]`` of a full forward of right-padded ``tokens`` (``(R, V)``)."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     logits, _ = model(tokens, positions, model.init_cache(b, t), jnp.zeros((), jnp.int32), jnp.ones((b, t), bool))
     return logits[rows, cols].astype(jnp.float32)
+
+
+_gathered_logits = split_jit(_gathered_logits_fn)  # weights as arguments, never copied per call
 
 
 def _cut(text: str, until: Sequence[str]) -> str:

@@ -3,6 +3,13 @@
 ``sequence_nll`` computes ``Σ_{t ≥ 1} −log p(x_t | x_{<t})`` by feeding the sequence through the KV
 cache in fixed-size chunks (one compile for every chunk; the last one is right-padded with slots
 marked empty), so the ``[T, V]`` logits never exist at once.  Perplexity is ``exp(nll / (T − 1))``.
+
+Compiled with the weights as arguments: each call splits the member (``nnx.split``) into
+``(graphdef, state)`` (no copy: the state holds the member's own arrays) and calls a plain
+``jax.jit`` function of ``(graphdef, state, ...)`` with ``graphdef`` static (:func:`split_jit`).
+The weights are never constants of the program and no call copies them or writes them back
+(``nnx.jit`` returns the module state from every call, so the member's buffers were replaced,
+and the resident set grew, on every forward).
 """
 
 from __future__ import annotations
@@ -16,12 +23,36 @@ from flax import nnx
 from jaxtyping import Array, ArrayLike, Float, Int
 
 
-@nnx.jit
-def _forward(model, tokens, positions, kv_mask):
+def split_jit(fn, static_argnums: tuple[int, ...] = (), donate_argnums: tuple[int, ...] = ()):
+    """``fn(model, *args)`` compiled once per graph and shapes, the weights passed as arguments.
+
+    Returns ``call(model, *args)``; ``call.jitted`` is the underlying ``jax.jit`` function of
+    ``(graphdef, state, *args)``.  ``static_argnums`` / ``donate_argnums`` index ``args``
+    (0 = the first argument after the model).  ``fn`` must not change the model's state.
+    """
+    shift = lambda idx: tuple(2 + i for i in idx)  # noqa: E731
+
+    @functools.partial(jax.jit, static_argnums=(0,) + shift(static_argnums), donate_argnums=shift(donate_argnums))
+    def jitted(graphdef, state, *args):
+        return fn(nnx.merge(graphdef, state), *args)
+
+    @functools.wraps(fn)
+    def call(model, *args):
+        graphdef, state = nnx.split(model)
+        return jitted(graphdef, state, *args)
+
+    call.jitted = jitted
+    return call
+
+
+def _forward_fn(model, tokens, positions, kv_mask):
     b, t = tokens.shape
     cache = model.init_cache(b, t)
     logits, _ = model(tokens, positions, cache, jnp.zeros((), jnp.int32), kv_mask)
     return logits
+
+
+_forward = split_jit(_forward_fn)
 
 
 def full_logits(model, tokens: Int[ArrayLike, "B T"], pad_mask=None) -> Float[Array, "B T V"]:
@@ -34,8 +65,7 @@ def full_logits(model, tokens: Int[ArrayLike, "B T"], pad_mask=None) -> Float[Ar
     return _forward(model, tokens, positions, pad_mask)
 
 
-@functools.partial(nnx.jit, static_argnames=("chunk",))
-def _chunk_nll(model, cache, tokens, targets, valid, start, chunk):
+def _chunk_nll_fn(model, cache, tokens, targets, valid, start, chunk):
     """Feed ``tokens`` (one chunk) at slot ``start``; NLL of ``targets`` where ``valid``."""
     kv_mask = (jnp.arange(cache.k.shape[2]) < start + chunk)[None, :]  # pads sit after every real token
     positions = (start + jnp.arange(chunk))[None, :].astype(jnp.int32)
@@ -43,6 +73,9 @@ def _chunk_nll(model, cache, tokens, targets, valid, start, chunk):
     lp = jax.nn.log_softmax(logits[0], axis=-1)
     nll = -jnp.take_along_axis(lp, targets[:, None], axis=-1)[:, 0]
     return jnp.where(valid, nll, 0.0), cache
+
+
+_chunk_nll = split_jit(_chunk_nll_fn, static_argnums=(5,), donate_argnums=(0,))
 
 
 def token_nll(model, tokens, chunk: int = 256) -> np.ndarray:

@@ -5,8 +5,14 @@ F16, ...), renames it to transformers' naming with the family's tables (``GGUF_B
 ``GGUF_TOP`` in ``jaxens.models.<family>.params``), undoes llama.cpp's layout conversions with the
 family's ``tensor_from_gguf`` (Llama's rotary permutation of ``W_q``/``W_k``, Gemma 3's ``1 + w``
 norm weights, GPT-2's transposed projections), and builds the member through the same path as a
-Hugging Face directory (:func:`jaxens.models.loading.model_from_hf_tensors`).  The config comes
-from the GGUF metadata (``<arch>.embedding_length``, ``<arch>.block_count``, ...).
+Hugging Face directory.  The config comes from the GGUF metadata (``<arch>.embedding_length``,
+``<arch>.block_count``, ...).
+
+Memory: :func:`load_gguf` never holds the dequantised checkpoint.  Each tensor is read with
+``pread`` (the file is never mapped, so its pages do not count in the process's resident set)
+and dequantised in row chunks of about :data:`CHUNK_BYTES` into one aligned float32 buffer,
+which :func:`jaxens.models.assemble.assemble` places in the member before the next tensor is
+read.  :func:`gguf_to_hf` (every tensor as a float32 dict) remains for inspection and tests.
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ from tqdm.auto import tqdm
 import jaxens.models.gemma3.params as gemma3_params
 import jaxens.models.gpt2.params as gpt2_params
 import jaxens.models.llama.params as llama_params
-from jaxens.models.loading import PICKLE_SUFFIXES, model_from_hf_tensors, pickle_refusal
+from jaxens.models.assemble import aligned_empty, assemble
+from jaxens.models.loading import PICKLE_SUFFIXES, family, pickle_refusal
+
+CHUNK_BYTES = 1 << 24  # dequantise at most ~16 MiB of float32 at a time
 
 # GGUF ``general.architecture`` -> the family's parameter mapping
 _PARAMS = {"llama": llama_params, "qwen2": llama_params, "gemma3": gemma3_params, "gpt2": gpt2_params}
@@ -146,7 +155,73 @@ def _hf_name(arch: str, name: str) -> str | None:
 
 def gguf_to_hf(path: str | os.PathLike, *, progress: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
     """Dequantise a GGUF file into ``(transformers config dict, transformers-named float32 tensors)``."""
-    path = Path(path)
+    return _guarded(Path(path), lambda *a: _convert(*a, progress))
+
+
+class GGUFTensor:
+    """One GGUF tensor, read with ``pread`` and dequantised in row chunks when loaded."""
+
+    def __init__(self, path: Path, t, arch: str, cfg: dict):
+        self.path, self.t, self.arch, self.cfg = path, t, arch, cfg
+        self.gguf_shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # numpy (row-major) order
+
+    def load(self, dtype=np.float32) -> np.ndarray:
+        """The dequantised float32 tensor in transformers' convention (``tensor_from_gguf``)."""
+        t, path = self.t, self.path
+        raw_shape = tuple(int(s) for s in t.data.shape)  # no page of the data is touched
+        item = np.dtype(t.data.dtype)
+        rows = int(np.prod(raw_shape[:-1], dtype=np.int64)) if len(raw_shape) > 1 else 1
+        row_items = raw_shape[-1] if raw_shape else 1
+        row_bytes = row_items * item.itemsize
+        out = aligned_empty(self.gguf_shape, np.float32)
+        if out.size != t.n_elements:
+            raise ValueError(f"file {path} is truncated or corrupt: tensor {t.name} has {t.n_elements} values, "
+                             f"expected shape {self.gguf_shape}")
+        flat = out.reshape(rows, -1)
+        step = max(1, CHUNK_BYTES // max(1, 4 * flat.shape[1]))
+        with open(path, "rb") as f:
+            fd = f.fileno()
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                n = (r1 - r0) * row_bytes
+                buf = os.pread(fd, n, t.data_offset + r0 * row_bytes)
+                if len(buf) != n:
+                    raise ValueError(f"file {path} is truncated: tensor {t.name} ends past the end of the file")
+                chunk = np.frombuffer(buf, dtype=item).reshape(r1 - r0, row_items)
+                try:
+                    flat[r0:r1] = np.asarray(gguf.dequantize(chunk, t.tensor_type), np.float32).reshape(r1 - r0, -1)
+                except Exception as e:
+                    raise ValueError(f"file {path}: cannot dequantise tensor {t.name} ({t.tensor_type.name}): "
+                                     f"{e}") from e
+                del buf, chunk
+        return _PARAMS[self.arch].tensor_from_gguf(self.arch, t.name, out, self.cfg)
+
+
+def _lazy(path, reader, meta, n_vocab, arch) -> tuple[dict, dict[str, GGUFTensor]]:
+    """``(transformers config, transformers name -> lazy tensor)`` in file order."""
+    names = {t.name for t in reader.tensors}
+    cfg = _hf_config(meta, names, n_vocab)
+    if cfg["vocab_size"] == 0:
+        cfg["vocab_size"] = int(next(t for t in reader.tensors if t.name == "token_embd.weight").shape[-1])
+    tensors: dict[str, GGUFTensor] = {}
+    for t in reader.tensors:
+        hf = _hf_name(arch, t.name)
+        if hf is None:
+            raise ValueError(f"GGUF tensor {t.name!r} ({arch}) has no counterpart in jaxens")
+        tensors[hf] = GGUFTensor(path, t, arch, cfg)
+    if arch == "gpt2" and cfg.get("vocab_size") and "lm_head.weight" in tensors:
+        tensors.pop("lm_head.weight")  # GPT-2 ties the head in transformers
+    return cfg, tensors
+
+
+def _convert(path, reader, meta, n_vocab, arch, progress):
+    cfg, lazy = _lazy(path, reader, meta, n_vocab, arch)
+    it = tqdm(lazy.items(), desc=f"dequantising {path.name}", disable=not progress, leave=False)
+    return cfg, {name: t.load() for name, t in it}
+
+
+def _guarded(path: Path, fn):
+    """``fn(path, reader, meta, n_vocab, arch)`` with bad files reported as ``ValueError`` naming ``path``."""
     reader = _open(path)
     try:
         meta = {k: _value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.") and len(f.data) <= 64}
@@ -157,7 +232,7 @@ def gguf_to_hf(path: str | os.PathLike, *, progress: bool = True) -> tuple[dict,
     except (KeyError, IndexError, UnicodeDecodeError) as e:
         raise ValueError(f"file {path} is truncated or not a GGUF: {type(e).__name__}: {e}") from e
     try:
-        return _convert(path, reader, meta, n_vocab, arch, progress)
+        return fn(path, reader, meta, n_vocab, arch)
     except (ValueError, KeyError, IndexError, TypeError, StopIteration) as e:
         if str(path) in str(e):
             raise
@@ -167,32 +242,18 @@ def gguf_to_hf(path: str | os.PathLike, *, progress: bool = True) -> tuple[dict,
         ) from e
 
 
-def _convert(path, reader, meta, n_vocab, arch, progress):
-    names = {t.name for t in reader.tensors}
-    cfg = _hf_config(meta, names, n_vocab)
-    if cfg["vocab_size"] == 0:
-        cfg["vocab_size"] = int(next(t for t in reader.tensors if t.name == "token_embd.weight").shape[-1])
-    tensors: dict[str, np.ndarray] = {}
-    it = tqdm(reader.tensors, desc=f"dequantising {path.name}", disable=not progress, leave=False)
-    for t in it:
-        hf = _hf_name(arch, t.name)
-        if hf is None:
-            raise ValueError(f"GGUF tensor {t.name!r} ({arch}) has no counterpart in jaxens")
-        try:
-            w = np.asarray(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        except Exception as e:
-            raise ValueError(f"file {path}: cannot dequantise tensor {t.name} ({t.tensor_type.name}): {e}") from e
-        expected = tuple(int(s) for s in reversed(t.shape.tolist()))
-        if w.size != int(np.prod(expected)):
-            raise ValueError(f"file {path} is truncated or corrupt: tensor {t.name} has {w.size} values, "
-                             f"expected shape {expected}")
-        tensors[hf] = _PARAMS[arch].tensor_from_gguf(arch, t.name, w.reshape(expected), cfg)
-    if arch == "gpt2" and cfg.get("vocab_size") and "lm_head.weight" in tensors:
-        tensors.pop("lm_head.weight")  # GPT-2 ties the head in transformers
-    return cfg, tensors
-
-
 def load_gguf(path: str | os.PathLike, dtype: str = "float32", *, progress: bool = True):
-    """Load a member from a GGUF file (dequantised to float32, then cast to ``dtype``)."""
-    cfg, tensors = gguf_to_hf(path, progress=progress)
-    return model_from_hf_tensors(cfg, tensors, dtype=dtype)
+    """Load a member from a GGUF file (dequantised to float32, then cast to ``dtype``), one tensor
+    at a time (see the module docstring: the peak is the member's weights plus about two copies of
+    its largest tensor)."""
+    path = Path(path)
+
+    def build(path, reader, meta, n_vocab, arch):
+        cfg, lazy = _lazy(path, reader, meta, n_vocab, arch)
+        fam = family(cfg["model_type"])
+        config = fam.config.from_hf(cfg, dtype=dtype)
+        tables = fam.tables
+        return assemble(fam.model, config, tables.HF_TOP, tables.HF_LAYER, tables.hf_names(lazy),
+                        progress=progress, desc=f"loading {path.name}")
+
+    return _guarded(path, build)

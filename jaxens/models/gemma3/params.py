@@ -59,7 +59,7 @@ GGUF_BLOCK = {
 GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def _strip_multimodal(tensors: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+def _strip_multimodal(tensors: Mapping[str, Any]) -> Mapping[str, Any]:
     """Gemma3ForConditionalGeneration checkpoints: keep the language model, drop the vision tower."""
     if not any(k.startswith(("language_model.", "model.language_model.")) for k in tensors):
         return tensors
@@ -72,9 +72,14 @@ def _strip_multimodal(tensors: Mapping[str, np.ndarray]) -> Mapping[str, np.ndar
     return out
 
 
+def hf_names(tensors: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The checkpoint's tensors under the names of :data:`HF_TOP` / :data:`HF_LAYER` (the language
+    model of a multimodal checkpoint)."""
+    return _strip_multimodal(tensors)
+
 def params_from_hf(config: Any, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Stack a transformers-named state dict into the internal layout (shapes checked)."""
-    return gather_stacked(config.param_shapes(), HF_TOP, HF_LAYER, config.n_layers, _strip_multimodal(tensors))
+    return gather_stacked(config.param_shapes(), HF_TOP, HF_LAYER, config.n_layers, hf_names(tensors))
 
 
 def params_to_hf(config: Any, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -55,11 +55,16 @@ GGUF_TOP = {"token_embd": "transformer.wte", "position_embd": "transformer.wpe",
 _GGUF_TRANSPOSED = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
 
 
+def hf_names(tensors: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The checkpoint's tensors under the names of :data:`HF_TOP` / :data:`HF_LAYER` (the original
+    OpenAI checkpoints lack the ``transformer.`` prefix)."""
+    if "wte.weight" in tensors:
+        return {("transformer." + k if not k.startswith("lm_head.") else k): v for k, v in tensors.items()}
+    return tensors
+
 def params_from_hf(config: Any, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Stack a transformers-named state dict into the internal layout (shapes checked)."""
-    if "wte.weight" in tensors:  # the original checkpoints have no "transformer." prefix
-        tensors = {("transformer." + k if not k.startswith("lm_head.") else k): v for k, v in tensors.items()}
-    return gather_stacked(config.param_shapes(), HF_TOP, HF_LAYER, config.n_layers, tensors)
+    return gather_stacked(config.param_shapes(), HF_TOP, HF_LAYER, config.n_layers, hf_names(tensors))
 
 
 def params_to_hf(config: Any, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -56,6 +56,10 @@ GGUF_BLOCK = {
 GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
+def hf_names(tensors: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The checkpoint's tensors under the names of :data:`HF_TOP` / :data:`HF_LAYER` (Llama: as given)."""
+    return tensors
+
 def params_from_hf(config: Any, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Stack a transformers-named state dict into the internal layout (shapes checked)."""
     return gather_stacked(config.param_shapes(), HF_TOP, HF_LAYER, config.n_layers, tensors)
