@@ -75,7 +75,7 @@ def _chunk_nll_fn(model, cache, tokens, targets, valid, start, chunk):
     return jnp.where(valid, nll, 0.0), cache
 
 
-_chunk_nll = split_jit(_chunk_nll_fn, static_argnums=(5,), donate_argnums=(0,))
+_chunk_nll = split_jit(_chunk_nll_fn, static_argnums=(5,))  # no donation: callers may pass one zeros buffer for several caches
 
 
 def token_nll(model, tokens, chunk: int = 256) -> np.ndarray:

@@ -292,7 +292,7 @@ def test_gradient_wrt_unembeddings(objective, config):
 
 def test_make_problem_itself_is_not_traceable_and_rank_deficient_raises():
     Ws, problem, _ = _case("kl", "all")
-    with pytest.raises(jax.errors.TracerArrayConversionError):
+    with pytest.raises((jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError)):
         jax.grad(lambda W: jnp.sum(jaxens.make_problem([W] + Ws[1:], dtype=jnp.float64).Q))(jnp.asarray(Ws[0]))
     dup = jaxens.make_problem([Ws[0], Ws[0]], dtype=jnp.float64)
     with pytest.raises(ValueError, match="rank"):
