@@ -59,7 +59,7 @@ from jaxens.solvers.splitting import (
 from jaxens.solvers.support_adjoint import basis_solution
 
 __all__ = [
-    "ratio_prox_s", "ratio_basis", "ratio_basis_dual", "ratio_value", "ratio_lower_bound", "ratio_gap", "solve_ratio",
+    "ratio_row", "ratio_prox_s", "ratio_basis", "ratio_basis_dual", "ratio_value", "ratio_lower_bound", "ratio_gap", "solve_ratio",
 ]
 
 UNROLL_STEPS = 2000  # UnrolledAdjoint(steps=None)
@@ -210,9 +210,10 @@ def ratio_basis_dual(Q, p, r, mask, tie_rtol: float | None = None) -> Float[Arra
     return jnp.linalg.pinv(G, hermitian=True, rtol=float(np.finfo(dtype).eps) * Q.shape[1]) @ qu
 
 
-@functools.partial(jax.jit, static_argnames=("solver",))
-def solve_ratio(solver: Any, problem: BottleneckProblem, r, mask, m, warm):
-    """The min-underestimation LP for one row (``solver``: the ADMM settings)."""
+def ratio_row(problem: BottleneckProblem, r, mask, m):
+    """One row of a RatioProgram, checked (shapes, at trace time) and sanitised:
+    ``(finite_in, r, mask, m)`` with ``r >= 0`` (0 off the mask or where not finite) and
+    non-finite moments zeroed (``finite_in`` says whether the inputs were finite)."""
     dtype = problem.A.dtype
     v, D = problem.A.shape
     r = jnp.asarray(r, dtype)
@@ -226,6 +227,15 @@ def solve_ratio(solver: Any, problem: BottleneckProblem, r, mask, m, warm):
     finite_in = jnp.all(jnp.isfinite(jnp.where(mask, r, 0.0))) & jnp.all(jnp.isfinite(m))
     r = jnp.where(mask & jnp.isfinite(r), jnp.maximum(r, 0.0), 0.0)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
+    return finite_in, r, mask, m
+
+
+@functools.partial(jax.jit, static_argnames=("solver",))
+def solve_ratio(solver: Any, problem: BottleneckProblem, r, mask, m, warm):
+    """The min-underestimation LP for one row (``solver``: the ADMM settings)."""
+    dtype = problem.A.dtype
+    v, D = problem.A.shape
+    finite_in, r, mask, m = ratio_row(problem, r, mask, m)
     r_live, m_live = r, m
     problem_ng, r, m = jax.lax.stop_gradient((problem, r, m))
     r0 = r

@@ -86,7 +86,7 @@ from jaxtyping import Array, Float
 
 from jaxens.problem import BottleneckProblem
 from jaxens.solvers.adjoint import AbstractAdjoint, ImplicitAdjoint, check_adjoint
-from jaxens.solvers.admm_ratio import ratio_basis, ratio_gap, ratio_lower_bound, ratio_value
+from jaxens.solvers.admm_ratio import ratio_basis, ratio_gap, ratio_lower_bound, ratio_row, ratio_value
 from jaxens.solvers.base import AbstractSolver
 from jaxens.solvers.instances import RatioProgram
 from jaxens.solvers.least_squares import default_feas_rtol
@@ -187,17 +187,7 @@ def _max_step(x, dx, live):
 def _ratio_ipm(solver: RatioIPM, problem: BottleneckProblem, r, mask, m) -> Solution:
     dtype = problem.A.dtype
     v, D = problem.A.shape
-    r = jnp.asarray(r, dtype)
-    m = jnp.asarray(m, dtype)
-    mask = jnp.asarray(mask, bool)
-    if r.shape != (v,) or mask.shape != (v,) or m.shape != (D,):
-        raise ValueError(
-            f"RatioProgram expects r ({v},), mask ({v},), m ({D},) for one row; got "
-            f"{r.shape}, {mask.shape}, {m.shape}"
-        )
-    finite_in = jnp.all(jnp.isfinite(jnp.where(mask, r, 0.0))) & jnp.all(jnp.isfinite(m))
-    r = jnp.where(mask & jnp.isfinite(r), jnp.maximum(r, 0.0), 0.0)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    finite_in, r, mask, m = ratio_row(problem, r, mask, m)
     r_live, m_live = r, m
     prob_ng, r, m = jax.lax.stop_gradient((problem, r, m))
     Q = prob_ng.Q
